@@ -1,0 +1,158 @@
+"""vss.label_remap: mapping-file checks, the look-up table, and the image-folder dataset."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from vss import data as vd
+from vss.label_remap import ImageFolderDataset, load_label_map, remap
+
+EXAMPLE = (
+    Path(__file__).resolve().parents[1] / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
+)
+
+
+def write_map(tmp_path: Path, spec, name: str = "map.json") -> Path:
+    path = tmp_path / name
+    path.write_text(spec if isinstance(spec, str) else json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def test_example_map_ids():
+    lut = load_label_map(EXAMPLE, 11)
+    assert lut.shape == (256,) and lut.dtype == np.uint8
+    names = json.loads(EXAMPLE.read_text())["target_names"]
+    # ADE20K-150 ids (1-based objectInfo150 order) -> CamVid train ids.
+    expect = {
+        3: "sky",
+        2: "building",
+        7: "road",
+        12: "pavement",
+        5: "tree",
+        21: "car",
+        13: "pedestrian",
+        128: "bicyclist",
+        44: "sign_symbol",
+        94: "pole",
+        33: "fence",
+    }
+    for src, target in expect.items():
+        assert names[lut[src]] == target, src
+    assert lut[0] == 255 and lut[1] == 255 and lut[150] == 255  # other, wall, flag: unmapped
+    assert sorted(set(lut[lut != 255].tolist())) == list(range(11))  # every CamVid class reachable
+
+
+def test_remap_unmapped_to_ignore(tmp_path):
+    path = write_map(tmp_path, {"num_target_classes": 3, "map": {"7": 2, "9": 0, "4": 255}})
+    lut = load_label_map(path, 3)
+    label = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = remap(label, lut)
+    expect = np.full(256, 255, np.uint8)
+    expect[7], expect[9] = 2, 0
+    np.testing.assert_array_equal(out.ravel(), expect)
+    with pytest.raises(ValueError, match="uint8"):
+        remap(label.astype(np.int32), lut)
+
+
+def test_out_of_range_target_rejected_naming_file_and_entry(tmp_path):
+    path = write_map(
+        tmp_path, {"num_target_classes": 11, "map": {"3": 0, "21": 11}}, "bad_map.json"
+    )
+    with pytest.raises(ValueError) as e:
+        load_label_map(path, 11)
+    assert "bad_map.json" in str(e.value) and "'21'" in str(e.value) and "11" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "top level"),
+        ({"map": {"1": 0}}, "missing keys"),
+        ({"num_target_classes": 2, "map": {"1": 0}, "extra": 1}, "unknown keys"),
+        ('{"num_target_classes": 2, "map": {"1": 0, "1": 1}}', "duplicate key"),
+        ({"num_target_classes": 2, "map": {"1": 0, "01": 1}}, "same source id"),
+        ({"num_target_classes": 2, "map": {"x": 0}}, "not an integer source id"),
+        ({"num_target_classes": 2, "map": {"256": 0}}, "outside the 8-bit"),
+        ({"num_target_classes": 2, "map": {"1": 1.0}}, "map entry '1'"),
+        ({"num_target_classes": 2, "map": {"1": True}}, "map entry '1'"),
+        ({"num_target_classes": 2, "map": {"1": -1}}, "map entry '1'"),
+        ({"num_target_classes": 2, "map": {}}, "non-empty"),
+        ({"num_target_classes": 0, "map": {"1": 0}}, "num_target_classes"),
+        ({"num_target_classes": 3, "map": {"1": 0}}, "model has 2 classes"),
+        ({"num_target_classes": 2, "map": {"1": 0}, "ignore": 0}, "ignore must be 255"),
+        ({"num_target_classes": 2, "map": {"1": 0}, "target_names": ["a"]}, "target_names"),
+        ({"num_target_classes": 2, "map": {"1": 0}, "source_names": {"1": 3}}, "source_names"),
+    ],
+)
+def test_malformed_map_rejected(tmp_path, spec, message):
+    path = write_map(tmp_path, spec, "broken.json")
+    with pytest.raises(ValueError, match=message) as e:
+        load_label_map(path, 2)
+    assert "broken.json" in str(e.value)
+
+
+def test_missing_map_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_label_map(tmp_path / "nope.json")
+
+
+def make_folder(root: Path, sizes) -> list[np.ndarray]:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    raws = []
+    for i, (h, w) in enumerate(sizes):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / "images" / f"img{i}.jpg"), img[:, :, ::-1])
+        raw = rng.choice(np.array([0, 3, 7, 21, 150], np.uint8), size=(h, w))
+        if i == 0:
+            vd.write_label_png(root / "labels" / f"img{i}.png", raw)  # palette PNG
+        else:
+            cv2.imwrite(str(root / "labels" / f"img{i}.png"), raw)  # grey PNG
+        raws.append(raw)
+    return raws
+
+
+def test_image_folder_dataset_items(tmp_path):
+    raws = make_folder(tmp_path / "ade", [(20, 30), (24, 18)])
+    ds = ImageFolderDataset(tmp_path / "ade", EXAMPLE, num_classes=11, augment=False)
+    assert len(ds) == 2
+    lut = load_label_map(EXAMPLE, 11)
+    items = [ds.load_item(i, np.random.default_rng(i)) for i in range(2)]
+    for i, item in enumerate(items):
+        assert (
+            item["frames"].shape == (1, 3, *raws[i].shape) and item["frames"].dtype == torch.float32
+        )
+        np.testing.assert_array_equal(item["labels"][0].numpy(), lut[raws[i]].astype(np.int64))
+        assert set(np.unique(item["labels"]).tolist()) <= {0, 3, 8, 255}  # sky, road, car, ignore
+        img = vd.read_frame(tmp_path / "ade" / "images" / f"img{i}.jpg")
+        torch.testing.assert_close(item["frames"][0], vd.normalize(img, ds.cfg))
+        assert item["video"] == f"img{i}" and item["frame_names"] == [f"img{i}"]
+    batch = vd.collate_clips(items)
+    assert batch["frames"].shape == (2, 1, 3, 32, 32)
+    assert all(set(tg["labels"].tolist()) <= {0, 3, 8} for tg in batch["targets"])
+    augmented = ImageFolderDataset(
+        tmp_path / "ade", EXAMPLE, cfg=vd.DataConfig(base_size=16, crop_size=(12, 12))
+    )
+    assert augmented[0]["labels"].shape == (1, 12, 12)
+
+
+def test_image_folder_dataset_errors(tmp_path):
+    make_folder(tmp_path / "ade", [(8, 8)])
+    with pytest.raises(ValueError, match="model has 124 classes"):
+        ImageFolderDataset(tmp_path / "ade", EXAMPLE, num_classes=124)
+    with pytest.raises(FileNotFoundError, match="annotations"):
+        ImageFolderDataset(tmp_path / "ade", EXAMPLE, label_dir="annotations")
+    cv2.imwrite(str(tmp_path / "ade" / "labels" / "orphan.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="orphan.png"):
+        ImageFolderDataset(tmp_path / "ade", EXAMPLE)
+    (tmp_path / "ade" / "labels" / "orphan.png").unlink()
+    cv2.imwrite(str(tmp_path / "ade" / "labels" / "img0.png"), np.zeros((5, 8), np.uint8))
+    ds = ImageFolderDataset(tmp_path / "ade", EXAMPLE, augment=False)
+    with pytest.raises(ValueError, match="img0.png"):
+        ds.load_item(0, np.random.default_rng(0))

@@ -1,0 +1,233 @@
+"""train.py end to end on a micro model (CPU, 32x32 clips): checkpoints loadable with
+weights_only, exact resume, DDP (2 gloo ranks) == one process accumulating the same two
+micro-batches, SIGTERM leaves a checkpoint, a NaN loss stops with the last good checkpoint, bad
+input gives a clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train.py is a script at the repository root
+
+import train  # noqa: E402
+from vss.checkpoint import load_checkpoint
+from vss.config import Config, tiny
+from vss.data import read_label_png, read_split, shift_labels
+from vss.synthetic import render_dataset
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 2-class synthetic dataset of 32x32 videos and a micro config (whole frames as clips)."""
+    base = tmp_path_factory.mktemp("train")
+    data = render_dataset(base / "data", num_videos=6, frames=(9, 10), height=32, width=32, num_classes=2, seed=3)
+    cfg = tiny()
+    m = cfg.model
+    m.resnet_width, m.conv_dim, m.mask_dim, m.hidden_dim = 16, 64, 64, 32
+    m.enc_layers, m.enc_ffn_dim, m.enc_heads = 1, 64, 2
+    m.num_queries, m.nheads, m.dim_feedforward, m.dec_layers = 10, 2, 64, 3
+    cfg.loss.num_points = 64
+    cfg.data.base_size, cfg.data.min_scale, cfg.data.max_scale = 32, 1.0, 1.0
+    cfg.data.crop_size, cfg.data.test_size = (32, 32), 32
+    cfg.optim.batch, cfg.optim.frames, cfg.optim.iters = 1, 2, 4
+    (base / "micro.json").write_text(cfg.to_json())
+    return {"base": base, "data": data, "config": base / "micro.json"}
+
+
+def args_for(setup, out, *extra) -> list[str]:
+    return ["--config", str(setup["config"]), "--data", str(setup["data"]), "--out", str(out),
+            "--workers", "0", "--log-every", "1", "--eval-every", "0", *map(str, extra)]
+
+
+def run(argv, launcher=(sys.executable, "train.py"), timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        if exact:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        elif "running_" not in key and "num_batches" not in key:  # DDP buffers come from rank 0
+            assert torch.allclose(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-7), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            same = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-9))
+            assert same(sa[i][key], sb[i][key]), (i, key)
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    """4 steps in one go, evaluated at the end."""
+    out = setup["base"] / "straight"
+    res = run(args_for(setup, out, "--eval-every", 4))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_run_writes_safe_checkpoints_config_and_log(straight, setup):
+    for name in ("last.pt", "best.pt"):
+        torch.load(straight / name, map_location="cpu", weights_only=True)  # plain data only
+    ck = load_checkpoint(straight / "last.pt")
+    assert ck["step"] == 4 and ck["stage"] == "segmenter"
+    assert {"model", "optimizer", "scheduler", "scaler", "config", "rng", "best_miou", "data"} <= set(ck)
+    assert len(ck["rng"]) == 1 and ck["data"] == {"seed": 0, "global_batch": 1, "samples": 4}
+    assert ck["config"]["model"]["num_classes"] == 2  # from the dataset's classes.json
+    assert all(k.startswith("segmenter.") for k in ck["model"])  # a VideoModel, for --init of stage 2
+    saved = Config.from_dict(json.loads((straight / "config.json").read_text()))
+    assert saved == Config.from_dict(ck["config"])
+    lines = log_lines(straight)
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
+    assert all(x["loss"] > 0 and x["clips_per_s"] > 0 and not x["skipped"] for x in train_lines)
+    # LR drops 10x at round(0.7 * 4) = 3 (0-based iteration 3 = step 4)
+    assert [x["lr"] for x in train_lines] == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5])
+    val = [x["val"] for x in lines if "val" in x]
+    assert len(val) == 1 and 0 <= val[0]["mIoU"] <= 1 and val[0]["VC16"] is None  # 10-frame videos
+    assert ck["best_miou"] == pytest.approx(val[0]["mIoU"])
+
+
+def test_resume_continues_exactly(straight, setup):
+    out = setup["base"] / "resumed"
+    first = run(args_for(setup, out, "--eval-every", 4, "--stop-at", 2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    second = run(args_for(setup, out, "--eval-every", 4, "--resume", "auto"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
+    assert_same_state(a, b, exact=True)
+    assert a["scheduler"] == b["scheduler"] and a["best_miou"] == b["best_miou"]
+    def steps_3_4(out):  # the same losses, LR, grad norm, val metrics; timings differ
+        return [{k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb")}
+                for x in log_lines(out) if x["step"] > 2]
+    assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 3
+
+
+WRAPPER = """
+import sys
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+save = train.save_checkpoint
+train.is_main = lambda: True  # every rank writes its own checkpoint (test only)
+train.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path):
+    # Equal normalisers on both sides need the same number of targets per micro-batch: with 2
+    # classes both present in every whole frame, every frame has exactly 2.
+    for video in read_split(setup["data"], "train"):
+        for mask in sorted((setup["data"] / "data" / video / "mask").iterdir()):
+            assert set(shift_labels(read_label_png(mask)).ravel().tolist()) - {255} == {0, 1}
+    extra = ("--iters", 3, "--mvc", "--mvc-patch", 8)
+    wrapper = tmp_path / "ddp_wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), str(wrapper))
+    ddp = run(args_for(setup, tmp_path / "ddp", *extra), launcher=launcher)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run(args_for(setup, tmp_path / "single", *extra, "--accum", 2))
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0 = load_checkpoint(tmp_path / "ddp" / "last.pt.rank0")
+    rank1 = load_checkpoint(tmp_path / "ddp" / "last.pt.rank1")
+    ref = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert rank0["step"] == rank1["step"] == ref["step"] == 3
+    assert len(rank0["rng"]) == 2 and rank0["data"]["global_batch"] == ref["data"]["global_batch"] == 2
+    for key in rank0["model"]:  # ranks stay in sync (buffers: rank 0's, broadcast before saving)
+        assert torch.equal(rank0["model"][key], rank1["model"][key]), key
+    assert_same_state(rank0, ref, exact=False)
+    assert any("mvc_loss_ce" in x for x in log_lines(tmp_path / "single"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):
+    out = tmp_path / "sig"
+    argv = args_for(setup, out, "--iters", 1000)
+    argv[argv.index("--workers") + 1] = "1"  # the signal goes to the data worker as well
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or a terminal: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    ck = load_checkpoint(out / "last.pt")
+    assert 1 <= ck["step"] < 1000 and ck["data"]["samples"] == ck["step"]
+    assert log_lines(out)[-1]["step"] <= ck["step"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    stage = train.STAGES["segmenter"]
+
+    def loss_nan_at_step_3(model, criterion, batch, step, cfg, mvc):
+        terms = stage.loss(model, criterion, batch, step, cfg, mvc)
+        if step == 3:
+            terms["loss_dice"] = terms["loss_dice"] * float("nan")
+        return terms
+
+    monkeypatch.setitem(train.STAGES, "segmenter", stage._replace(loss=loss_nan_at_step_3))
+    out = tmp_path / "nan"
+    assert train.main(args_for(setup, out, "--save-every", 1)) == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_bad_input_gives_a_clear_error(setup, straight, tmp_path, capsys):
+    assert train.main(args_for(setup, tmp_path / "a", "--resume", tmp_path / "missing.pt")) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert train.main(args_for(setup, tmp_path / "b", "--resume", straight / "last.pt", "--seed", 5)) == 2
+    assert "different settings (seed)" in capsys.readouterr().err
+    bad = args_for(setup, tmp_path / "c")
+    bad[bad.index("--data") + 1] = str(tmp_path / "nowhere")
+    assert train.main(bad) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_init_loads_a_checkpoint_and_rejects_a_foreign_one(setup, straight, tmp_path, capsys):
+    out = tmp_path / "init"
+    assert train.main(args_for(setup, out, "--init", straight / "last.pt", "--lr", 0, "--iters", 1)) == 0
+    start, after = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
+    assert after["step"] == 1  # a new run, starting from the weights
+    params = [k for k in start["model"] if "running_" not in k and "num_batches" not in k]
+    assert all(torch.equal(start["model"][k], after["model"][k]) for k in params)  # lr 0
+    torch.save({"head.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    assert train.main(args_for(setup, tmp_path / "x", "--init", tmp_path / "foreign.pt")) == 2
+    assert "foreign.pt matches neither" in capsys.readouterr().err
+
+
+def test_default_data_is_the_embedded_synthetic_set(setup, tmp_path):
+    env_data = tmp_path / "vss_data"
+    argv = ["--config", str(setup["config"]), "--out", str(tmp_path / "run"), "--workers", "0",
+            "--iters", "1", "--eval-every", "0"]
+    res = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True,
+                         env={**ENV, "VSS_DATA": str(env_data)}, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (env_data / "synthetic" / "classes.json").is_file()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"]["num_classes"] == 6

@@ -1,0 +1,280 @@
+"""Benchmark of evaluate.py (mIoU + VC8 + VC16) against the official VSPW scripts' way of working.
+
+    python benchmarks/bench_evaluate.py [--videos 40] [--frames 60] [--repeat 2] [--cache runs/bench_evaluate]
+
+Renders once (cached) a synthetic VSPW-layout set of 480x854 label videos of drifting regions
+(labels persist over time and change along moving boundaries): raw-encoded GT palette PNGs
+(0 others, k+1 class k, 255 void) and palette-PNG predictions (class ids), as VSPW masks and
+our infer.py outputs are stored. Then times:
+- evaluate.py's ``evaluate`` with 1 and 2 workers (one streaming pass, every PNG read once);
+- the official way, transcribed here: ``evaluator_test.py`` (PIL.Image.open + np.array per GT/pred
+  pair, one bincount per frame) and then, for EACH n, ``VC_perclip.py`` (every frame of a video
+  re-read into memory, nested window loops with float64 np.ones AND-accumulators). GT is shifted
+  inline (the official scripts expect a pre-shifted copy of the dataset; the shift costs little);
+- the decode floor: decoding every GT and prediction PNG once with evaluate.py's decoders;
+- peak RSS (ru_maxrss of a fresh child process) of evaluate.py and of the official VC loop for
+  the same videos cut to half and full length: evaluate's is flat in video length, the official
+  one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import evaluate as ev  # noqa: E402
+from vss.data import list_frames, read_label_png, read_split, shift_labels, write_label_png  # noqa: E402
+
+K = 124
+H, W = 480, 854
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+
+
+def _nearest_seed(pos: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    d = (yy[None] - pos[:, 0, None, None]) ** 2 + (xx[None] - pos[:, 1, None, None]) ** 2  # (S,h,w)
+    return d.argmin(0)  # (h,w) seed index
+
+
+def _render_video(rng: np.random.Generator, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Moving regions: a Voronoi map of 40 drifting seeds at 1/4 resolution, upscaled (nearest),
+    so labels persist over time and change along moving boundaries, as in real video masks. Raw
+    GT ids 1..K with some 'others' (0) and void (255) regions. The prediction is the map of
+    jittered seeds (boundary flicker, like a per-frame model) with some regions mislabelled and
+    something predicted on void."""
+    h, w, s = H // 4, W // 4, 40
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    pos = rng.random((s, 2)).astype(np.float32) * [h, w]
+    vel = rng.normal(0, 0.5, (s, 2)).astype(np.float32)
+    raw = rng.integers(1, K + 1, s).astype(np.uint8)
+    raw[:3] = (0, 0, 255)
+    ids = shift_labels(raw)
+    ids[ids == 255] = rng.integers(0, K, int((ids == 255).sum()))
+    wrong, alt = rng.random(s) < 0.15, rng.integers(0, K, s).astype(np.uint8)
+    gts, preds = [], []
+    for _ in range(frames):
+        pos += vel
+        out = (pos < 0) | (pos > [h, w])
+        vel[out] *= -1  # bounce off the borders
+        wrong ^= rng.random(s) < 0.03
+        pred_ids = np.where(wrong, alt, ids)
+        g = raw[_nearest_seed(pos, yy, xx)]
+        p = pred_ids[_nearest_seed(pos + rng.normal(0, 0.7, pos.shape).astype(np.float32), yy, xx)]
+        gts.append(cv2.resize(g, (W, H), interpolation=cv2.INTER_NEAREST))
+        preds.append(cv2.resize(p, (W, H), interpolation=cv2.INTER_NEAREST))
+    return gts, preds
+
+
+def render(root: Path, videos: int, frames: int, seed: int = 0) -> None:
+    """Write ROOT/gt/{val.txt, data/<v>/mask/*.png} and ROOT/pred/<v>/*.png unless complete."""
+    done = root / "done.txt"
+    if done.is_file() and done.read_text() == f"{videos} {frames} {seed}":
+        return
+    rng = np.random.default_rng(seed)
+    names = [f"vid{v:03d}" for v in range(videos)]
+    for v in names:
+        gts, preds = _render_video(rng, frames)
+        for t, (g, p) in enumerate(zip(gts, preds)):
+            write_label_png(root / "gt" / "data" / v / "mask" / f"{t + 1:08d}.png", g)
+            write_label_png(root / "pred" / v / f"{t + 1:08d}.png", p)
+        print(f"rendered {v}", file=sys.stderr)
+    (root / "gt" / "val.txt").write_text("".join(n + "\n" for n in names))
+    done.write_text(f"{videos} {frames} {seed}")
+
+
+def truncated_view(root: Path, frames: int) -> Path:
+    """A copy of the set with the first `frames` frames of each video (symlinks)."""
+    out = root / f"first{frames}"
+    for v in read_split(root / "gt", "val"):
+        for kind, src in (("gt", root / "gt" / "data" / v / "mask"), ("pred", root / "pred" / v)):
+            dst = out / "gt" / "data" / v / "mask" if kind == "gt" else out / "pred" / v
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in sorted(src.iterdir())[:frames]:
+                if not (dst / f.name).exists():
+                    (dst / f.name).symlink_to(f)
+    (out / "gt" / "val.txt").write_text((root / "gt" / "val.txt").read_text())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the official way (transcribed from evaluator_test.py + utils.Evaluator, and VC_perclip.py)
+# ------------------------------------------------------------------------------------------
+
+
+def _open(path: Path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+def official_miou(gt_root: Path, pred_dir: Path) -> float:
+    cm = np.zeros((K, K))
+    for v in read_split(gt_root, "val"):
+        for name in sorted(os.listdir(gt_root / "data" / v / "mask")):
+            gt = shift_labels(_open(gt_root / "data" / v / "mask" / name))
+            pred = _open(pred_dir / v / name)
+            mask = (gt >= 0) & (gt < K)
+            label = K * gt[mask].astype("int") + pred[mask]
+            cm += np.bincount(label, minlength=K**2).reshape(K, K)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.diag(cm) / (cm.sum(1) + cm.sum(0) - np.diag(cm))
+    return float(np.nanmean(iou[cm.sum(1) > 0]))
+
+
+def _official_get_common(gts: list, preds: list, n: int, h: int, w: int) -> list:
+    accs = []
+    for i in range(len(gts) - n):
+        g_common, p_common = np.ones((h, w)), np.ones((h, w))
+        for j in range(1, n):
+            g_common = np.logical_and(g_common, gts[i] == gts[i + j])
+            p_common = np.logical_and(p_common, preds[i] == preds[i + j])
+        accs.append((p_common * g_common).sum() / g_common.sum())
+    return accs
+
+
+def official_vc(gt_root: Path, pred_dir: Path, n: int) -> float:
+    total = []
+    for v in read_split(gt_root, "val"):
+        names = sorted(os.listdir(gt_root / "data" / v / "mask"))
+        if len(names) <= n:
+            continue
+        gts = [shift_labels(_open(gt_root / "data" / v / "mask" / f)) for f in names]
+        preds = [_open(pred_dir / v / f) for f in names]
+        total.extend(_official_get_common(gts, preds, n, *gts[0].shape))
+    total = np.array(total)
+    return float(np.nanmean(total)) if np.isfinite(total).any() else float("nan")
+
+
+# ------------------------------------------------------------------------------------------
+# measurements
+# ------------------------------------------------------------------------------------------
+
+
+def decode_floor(gt_root: Path, pred_dir: Path) -> None:
+    for v in read_split(gt_root, "val"):
+        for mask in list_frames(gt_root / "data" / v, kind="mask"):
+            read_label_png(mask)
+            ev.read_prediction_png(pred_dir / v / mask.name)
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def child_maxrss(mode: str, root: Path) -> tuple[float, float]:
+    """(peak RSS, peak RSS above the after-warm-up baseline) in MiB of a fresh process running
+    `mode` ('evaluate' or 'official') on root.
+
+    The process comes from a forkserver: ru_maxrss of a process exec'd or forked from this big
+    parent would start at the parent's RSS."""
+    pool = multiprocessing.get_context("forkserver").Pool(1)
+    try:
+        return pool.apply(run_child, (mode, root))
+    finally:
+        pool.close()
+        pool.join()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def run_child(mode: str, root: Path) -> tuple[float, float]:
+    gt, pred = root / "gt", root / "pred"
+    # warm up the decoders and numpy once so their one-off buffers land in the baseline
+    video = read_split(gt, "val")[0]
+    ev.evaluate_video(video, gt, pred, K, (8, 16))
+    _open(next(iter(list_frames(gt / "data" / video, kind="mask"))))
+    try:  # Linux: reset the high-water mark so the import-time peak (torch) does not hide ours
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _rss_mib()
+    if mode == "evaluate":
+        ev.evaluate(gt, pred, "val", num_classes=K, vc_sizes=(8, 16), workers=1, progress=False)
+    else:
+        official_vc(gt, pred, 16)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak, peak - base
+
+
+def time_all(gt: Path, pred: Path, repeat: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Best-of-`repeat` seconds of every measurement (rounds interleaved, so a burst of load
+    from other processes on a shared machine hits all of them alike), and the metric values."""
+    jobs = {
+        "decode floor (every GT + pred PNG once)": lambda: decode_floor(gt, pred),
+        "evaluate.py mIoU+VC8+VC16, 1 worker": lambda: ev.evaluate(gt, pred, "val", num_classes=K, workers=1,
+                                                                   vc_sizes=(8, 16), progress=False),
+        "evaluate.py mIoU+VC8+VC16, 2 workers": lambda: ev.evaluate(gt, pred, "val", num_classes=K, workers=2,
+                                                                    vc_sizes=(8, 16), progress=False),
+        "official evaluator_test (mIoU)": lambda: official_miou(gt, pred),
+        "official VC_perclip n=8": lambda: official_vc(gt, pred, 8),
+        "official VC_perclip n=16": lambda: official_vc(gt, pred, 16),
+    }
+    best, out = {name: float("inf") for name in jobs}, {}
+    for _ in range(repeat):
+        for name, job in jobs.items():
+            t, out[name] = timed(job)
+            best[name] = min(best[name], t)
+    ours = out["evaluate.py mIoU+VC8+VC16, 1 worker"]
+    values = {"mIoU": out["official evaluator_test (mIoU)"], "VC8": out["official VC_perclip n=8"],
+              "VC16": out["official VC_perclip n=16"]}
+    for key, official in values.items():  # the benchmark also checks that the numbers agree
+        assert abs(ours[key] - official) < 1e-12, (key, ours[key], official)
+    return best, values
+
+
+def print_times(best: dict[str, float], n_frames: int) -> None:
+    official = sum(t for name, t in best.items() if name.startswith("official"))
+    rows = list(best.items()) + [("official total (3 runs)", official)]
+    print(f"{'what':<46} {'s':>7} {'ms/frame':>9}")
+    for name, t in rows:
+        print(f"{name:<46} {t:7.2f} {1000 * t / n_frames:9.2f}")
+    ours = best["evaluate.py mIoU+VC8+VC16, 1 worker"]
+    floor = best["decode floor (every GT + pred PNG once)"]
+    print(f"speed-up vs official (1 worker): {official / ours:.1f}x; evaluate / decode floor: {ours / floor:.2f}x")
+
+
+def print_memory(cache: Path, frames: int) -> None:
+    half = truncated_view(cache, frames // 2)
+    print("\npeak RSS of a fresh process, MiB (in brackets: above the baseline after imports and warm-up)")
+    print(f"{'':<30} {frames // 2:>3} frames/video  {frames:>3} frames/video")
+    for mode, label in (("evaluate", "evaluate.py"), ("official", "official VC_perclip n=16")):
+        cells = ["{:6.0f} ({:5.1f})".format(*child_maxrss(mode, root)) for root in (half, cache)]
+        print(f"{label:<30} {cells[0]:>17} {cells[1]:>17}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--videos", type=int, default=40)
+    p.add_argument("--frames", type=int, default=60)
+    p.add_argument("--repeat", type=int, default=2, help="rounds of every timing; the best is reported")
+    p.add_argument("--cache", type=Path, default=REPO / "runs" / "bench_evaluate")
+    args = p.parse_args()
+    render(args.cache, args.videos, args.frames)
+    best, values = time_all(args.cache / "gt", args.cache / "pred", args.repeat)
+    print(f"\n{args.videos} videos x {args.frames} frames at {H}x{W}; best of {args.repeat} rounds; "
+          + ", ".join(f"{k} {v:.6f}" for k, v in values.items()) + " (evaluate.py == official)")
+    print_times(best, args.videos * args.frames)
+    print_memory(args.cache, args.frames)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Evaluate VSPW-layout predictions with the official PVUW VSS metrics: mIoU, fwIoU, pixel and
+class accuracy, VC_n (``vss/metrics.py`` has the definitions and the official quirks kept).
+
+    python evaluate.py --pred runs/x/pred --gt /data/VSPW_480p --split val --vc 8,16 --workers 4 --json out.json
+    python evaluate.py            # the embedded default: synthetic dataset vs runs/default/pred
+
+Ground truth: ``GT/data/<video>/mask/*.png`` in raw VSPW encoding (0 others, k+1 class k, 255
+void), shifted to train ids before scoring. Predictions: ``PRED/<video>/<mask file name>``, class
+ids 0..K-1 as grey or palette PNGs (the palette index is the id). Every PNG is read once; videos
+are spread over ``--workers`` processes. Bad input (missing or corrupt file, wrong size, id >= K,
+empty split, video without frames) prints one line naming the file and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vss.data import list_frames, load_class_names, read_label_png, read_split, shift_labels
+from vss.metrics import DatasetStats, VideoStats, summarize
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_PRED = REPO / "runs" / "default" / "pred"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def default_paths() -> tuple[Path, Path, str]:
+    """(GT root, prediction folder, split) of the embedded default run: the synthetic dataset
+    (rendered on first use) and what ``python infer.py`` writes with no arguments."""
+    if not DEFAULT_PRED.is_dir():
+        raise FileNotFoundError(f"default predictions not found at {DEFAULT_PRED}: run `python infer.py` first "
+                                "(or pass --pred DIR --gt ROOT)")
+    from vss.synthetic import ensure_default_dataset  # imported here: only the default run needs it
+
+    return Path(ensure_default_dataset()), DEFAULT_PRED, "val"
+
+
+def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a prediction PNG as (H,W) integer class ids.
+
+    Palette PNGs give their indices through PIL (cv2 would expand them to colours); grey 8/16-bit
+    PNGs are decoded by cv2. Colour images are refused: their values are not class ids.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: corrupt file or not a single-channel image.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: prediction frame not found") from None
+    if len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[25] == 3:  # IHDR colour type 3 = palette
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # decode the bytes already read
+                arr = np.array(im)
+        except Exception as e:  # PIL raises many types for broken files
+            raise ValueError(f"{path}: cannot decode prediction PNG ({e})") from None
+    else:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ValueError(f"{path}: cannot decode prediction PNG (corrupt or empty file)")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: prediction has shape {arr.shape}; write class ids as a single-channel "
+                         "(grey or palette) PNG")
+    return arr
+
+
+def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, vc_sizes: tuple[int, ...],
+                   include_last_window: bool = False) -> VideoStats:
+    """Score one video: every mask frame of ``gt_root/data/video`` against ``pred_dir/video``.
+
+    Returns:
+        The finished VideoStats.
+    Raises:
+        FileNotFoundError / ValueError naming the file or video (see ``read_prediction_png``,
+        ``VideoStats.update``, ``vss.data.list_frames``).
+    """
+    masks = list_frames(gt_root / "data" / video, kind="mask")
+    if not (pred_dir / video).is_dir():
+        raise FileNotFoundError(f"{pred_dir / video}: prediction folder of video {video!r} not found")
+    stats = VideoStats(num_classes, vc_sizes, name=video, include_last_window=include_last_window)
+    for mask in masks:
+        pred_path = pred_dir / video / mask.name
+        gt = shift_labels(read_label_png(mask))  # (H,W) uint8 train ids, 255 ignore
+        pred = read_prediction_png(pred_path)  # (H,W)
+        stats.update(gt, pred, name=str(pred_path))
+    return stats.finish()
+
+
+def _imap_videos(job, videos: Sequence[str], workers: int) -> Iterator[VideoStats]:
+    """Yield the VideoStats of each video in split order, in-process or from a worker pool."""
+    if workers <= 1 or len(videos) <= 1:
+        yield from map(job, videos)
+        return
+    # the processes are the parallelism: one OpenCV thread each avoids oversubscribing the cores
+    with multiprocessing.Pool(min(workers, len(videos)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        yield from pool.imap(job, videos)
+
+
+def evaluate(gt_root: Path, pred_dir: Path, split: str, *, num_classes: int | None = None,
+             vc_sizes: Sequence[int] = (8, 16), workers: int = 1, include_last_window: bool = False,
+             progress: bool = True) -> dict:
+    """Evaluate a prediction folder against a VSPW-layout dataset.
+
+    Args:
+        gt_root: dataset root holding ``<split>.txt`` and ``data/<video>/mask``.
+        pred_dir: folder of ``<video>/<mask file name>`` prediction PNGs.
+        split: split name.
+        num_classes: K; default the number of classes of ``load_class_names(gt_root)``.
+        vc_sizes: window lengths n of VC_n.
+        workers: processes (1 = in-process).
+        include_last_window: add the window the official code leaves out (not official).
+        progress: show a tqdm bar over videos.
+    Returns:
+        ``vss.metrics.summarize`` output (per-class IoU keyed by class name).
+    """
+    gt_root, pred_dir = Path(gt_root), Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"{pred_dir}: prediction folder not found")
+    names, _ = load_class_names(gt_root)
+    k = num_classes or len(names)
+    videos = read_split(gt_root, split)
+    sizes = tuple(sorted(set(vc_sizes)))
+    job = partial(evaluate_video, gt_root=gt_root, pred_dir=pred_dir, num_classes=k, vc_sizes=sizes,
+                  include_last_window=include_last_window)
+    total = DatasetStats(k, sizes)
+    for stats in tqdm(_imap_videos(job, videos, workers), total=len(videos), desc="evaluate", unit="video",
+                      disable=not progress, file=sys.stderr):
+        total.add(stats)
+    return summarize(total, names if len(names) == k else None)
+
+
+def format_report(summary: dict) -> str:
+    """Per-class IoU table (all K classes, '-' for a class absent from GT) and the summary lines,
+    figures in percent."""
+    lines = [f"{'class':<40} {'IoU %':>7}"]
+    for name, iou in summary["per_class_IoU"].items():
+        lines.append(f"{name:<40} {'-' if math.isnan(iou) else f'{100 * iou:7.2f}':>7}")
+    present = sum(not math.isnan(v) for v in summary["per_class_IoU"].values())
+    lines += ["", f"videos {summary['num_videos']}, frames {summary['num_frames']}, "
+              f"valid GT pixels {summary['num_pixels']}, classes {summary['num_classes']} ({present} in GT)"]
+    for key in ("mIoU", "fwIoU", "pixel_acc", "class_acc"):
+        lines.append(f"{key:<10} {100 * summary[key]:7.2f}")
+    for key in sorted((k for k in summary if k.startswith("VC") and k[2:].isdigit()), key=lambda s: int(s[2:])):
+        lines.append(f"{key:<10} {100 * summary[key]:7.2f}   ({summary[key + '_windows']} windows, "
+                     f"{summary[key + '_valid_windows']} with constant GT pixels)")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    """NaN -> None recursively (strict JSON has no NaN)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    """Write ``obj`` as JSON through a temp file + os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _vc_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vc wants comma-separated integers, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"--vc window sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", type=Path, help="prediction folder PRED/<video>/<frame>.png (class ids)")
+    p.add_argument("--gt", type=Path,
+                   help="dataset root with <split>.txt and data/<video>/mask/*.png (raw VSPW ids)")
+    p.add_argument("--split", default="val", help="split file name without .txt (default: val)")
+    p.add_argument("--num-classes", type=int, default=None, help="K (default: number of classes of the dataset)")
+    p.add_argument("--vc", type=_vc_sizes, default=(8, 16), help="VC window sizes, e.g. 8,16; '' for none")
+    p.add_argument("--include-last-window", action="store_true",
+                   help="also count the window ending at the last frame (NOT the official number)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes over videos (default 1: in-process)")
+    p.add_argument("--json", type=Path, default=None, help="write every figure (incl. per-video VC) to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if (args.pred is None) != (args.gt is None):
+        parser.error("give both --pred and --gt (or no argument at all for the embedded default)")
+    if args.num_classes is not None and not 1 <= args.num_classes <= 255:
+        parser.error(f"--num-classes must be in 1..255, got {args.num_classes}")
+    # corrupt PNGs are reported by our own error line; keep OpenCV's C++ log off stderr
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        gt, pred, split = (args.gt, args.pred, args.split) if args.gt is not None else default_paths()
+        summary = evaluate(gt, pred, split, num_classes=args.num_classes, vc_sizes=args.vc,
+                           workers=args.workers, include_last_window=args.include_last_window,
+                           progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(summary))
+    if args.json is not None:
+        summary["config"] = {"gt": str(gt), "pred": str(pred), "split": split, "vc_sizes": list(args.vc),
+                             "include_last_window": args.include_last_window}
+        write_json_atomic(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

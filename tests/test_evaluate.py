@@ -1,0 +1,204 @@
+"""evaluate.py: the official numbers of tests/data/vspw_synth through the CLI (1 and 2 workers),
+prediction decoding, and one clear error line + exit code 2 for each kind of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import evaluate as ev
+from vss.data import write_label_png
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_reproduces_official_numbers(test_data, tmp_path, workers):
+    root = test_data / "vspw_synth"
+    expected = json.loads((root / "expected.json").read_text())
+    out = tmp_path / "res" / "metrics.json"
+    proc = _run_cli("--gt", root / "VSPW", "--pred", root / "pred", "--split", "val", "--vc", "8,16",
+                    "--workers", workers, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    for key in ("mIoU", "fwIoU", "pixel_acc", "VC8", "VC16"):
+        assert res[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert res["VC8_windows"] == expected["VC8_windows"] and res["VC16_windows"] == expected["VC16_windows"]
+    assert res["num_classes"] == 124 and res["num_videos"] == 7
+    # per-video windows follow the official loop: T - n, and none when T <= n
+    for video in res["per_video"].values():
+        assert video["VC8_windows"] == max(video["frames"] - 8, 0)
+        assert video["VC16_windows"] == max(video["frames"] - 16, 0)
+    assert sum(v["VC8_windows"] for v in res["per_video"].values()) == 57
+    assert res["per_video"]["vid_d_8"]["VC8"] is None  # NaN (no window) is written as null
+    assert "mIoU" in proc.stdout and "VC16" in proc.stdout and "wall" in proc.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_include_last_window_option(test_data):
+    root = test_data / "vspw_synth"
+    res = ev.evaluate(root / "VSPW", root / "pred", "val", vc_sizes=(8,), include_last_window=True, progress=False)
+    assert res["VC8_windows"] == 57 + 7  # every fixture video has T >= 8
+
+
+# ------------------------------------------------------------------------------------------
+# a tiny dataset for prediction decoding and bad input
+# ------------------------------------------------------------------------------------------
+
+K = 4
+
+
+def make_set(root: Path, videos=("va", "vb"), frames=3, h=6, w=8) -> tuple[Path, Path]:
+    """GT (raw encoding, grey PNG) and grey-PNG predictions that are exactly right."""
+    rng = np.random.default_rng(0)
+    gt_root, pred = root / "gt", root / "pred"
+    for v in videos:
+        for t in range(frames):
+            raw = rng.integers(0, K + 1, (h, w)).astype(np.uint8)  # 0 = others
+            raw[0, 0] = 255
+            (gt_root / "data" / v / "mask").mkdir(parents=True, exist_ok=True)
+            (pred / v).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(gt_root / "data" / v / "mask" / f"{t + 5:05d}.png"), raw)
+            p = np.where((raw == 0) | (raw == 255), 0, raw - 1).astype(np.uint8)
+            cv2.imwrite(str(pred / v / f"{t + 5:05d}.png"), p)
+    (gt_root / "val.txt").write_text("".join(f"{v}\n" for v in videos))
+    return gt_root, pred
+
+
+def _main(capsys, gt, pred, *extra):
+    rc = ev.main(["--gt", str(gt), "--pred", str(pred), "--num-classes", str(K), "--no-progress", *extra])
+    return rc, capsys.readouterr()
+
+
+def test_palette_predictions_give_their_indices(tmp_path, capsys):
+    gt, pred = make_set(tmp_path)
+    for f in (pred / "va").iterdir():  # rewrite as palette PNGs: cv2 alone would expand the colours
+        ids = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        write_label_png(f, ids)
+        np.testing.assert_array_equal(ev.read_prediction_png(f), ids)
+    rc, out = _main(capsys, gt, pred, "--json", str(tmp_path / "r.json"))
+    assert rc == 0, out.err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["mIoU"] == 1.0 and res["pixel_acc"] == 1.0
+
+
+def test_colour_prediction_is_refused(tmp_path, capsys):
+    gt, pred = make_set(tmp_path)
+    bad = pred / "vb" / "00006.png"
+    cv2.imwrite(str(bad), np.zeros((6, 8, 3), np.uint8))
+    rc, out = _main(capsys, gt, pred)
+    assert rc == 2 and str(bad) in out.err and "single-channel" in out.err
+
+
+def _break(kind: str, gt: Path, pred: Path) -> str:
+    """Damage the tiny set one way; return the text the error line must contain."""
+    if kind == "missing_frame":
+        (pred / "vb" / "00006.png").unlink()
+        return str(pred / "vb" / "00006.png")
+    if kind == "missing_video":
+        for f in (pred / "vb").iterdir():
+            f.unlink()
+        (pred / "vb").rmdir()
+        return str(pred / "vb")
+    if kind == "wrong_size":
+        cv2.imwrite(str(pred / "va" / "00007.png"), np.zeros((6, 9), np.uint8))
+        return str(pred / "va" / "00007.png")
+    if kind == "id_too_large":
+        p = np.zeros((6, 8), np.uint8)
+        p[3, 3] = K  # GT at (3,3) is valid or 'others'; make it valid
+        raw = cv2.imread(str(gt / "data" / "va" / "mask" / "00005.png"), cv2.IMREAD_UNCHANGED)
+        raw[3, 3] = 1
+        cv2.imwrite(str(gt / "data" / "va" / "mask" / "00005.png"), raw)
+        cv2.imwrite(str(pred / "va" / "00005.png"), p)
+        return f"{pred / 'va' / '00005.png'}: prediction holds class id {K}"
+    if kind == "corrupt_pred":
+        (pred / "vb" / "00005.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+        return str(pred / "vb" / "00005.png")
+    if kind == "corrupt_gt":
+        (gt / "data" / "vb" / "mask" / "00007.png").write_bytes(b"not a png")
+        return str(gt / "data" / "vb" / "mask" / "00007.png")
+    if kind == "empty_split":
+        (gt / "val.txt").write_text("\n")
+        return str(gt / "val.txt")
+    if kind == "video_without_frames":
+        for f in (gt / "data" / "vb" / "mask").iterdir():
+            f.unlink()
+        return str(gt / "data" / "vb" / "mask")
+    if kind == "missing_video_folder":
+        (gt / "val.txt").write_text("va\nvc\n")
+        return "vc"
+    raise AssertionError(kind)
+
+
+BAD = ["missing_frame", "missing_video", "wrong_size", "id_too_large", "corrupt_pred", "corrupt_gt", "empty_split",
+       "video_without_frames", "missing_video_folder"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, kind):
+    gt, pred = make_set(tmp_path)
+    rc, out = _main(capsys, gt, pred)
+    assert rc == 0, out.err  # the intact set is fine
+    must = _break(kind, gt, pred)
+    rc, out = _main(capsys, gt, pred)
+    assert rc == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), out.err
+    assert must in lines[0]
+    assert out.out == ""
+
+
+@pytest.mark.parametrize("workers,kind", [(1, "corrupt_pred"), (2, "wrong_size")])
+def test_bad_input_exit_code_of_the_process(tmp_path, workers, kind):
+    """The real process exits 2 with one line (no traceback, no OpenCV log), also when a worker
+    process fails."""
+    gt, pred = make_set(tmp_path)
+    must = _break(kind, gt, pred)
+    proc = _run_cli("--gt", gt, "--pred", pred, "--num-classes", K, "--workers", workers)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and must in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_default_run_without_predictions_says_run_infer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "DEFAULT_PRED", tmp_path / "runs" / "default" / "pred")
+    assert ev.main([]) == 2
+    err = capsys.readouterr().err
+    assert "python infer.py" in err and str(tmp_path / "runs" / "default" / "pred") in err
+
+
+def test_half_given_paths_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--gt", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_default_run_evaluates_the_synthetic_dataset(tmp_path, monkeypatch, capsys):
+    """No --gt/--pred: the embedded synthetic dataset (rendered into $VSS_DATA) against
+    runs/default/pred; perfect predictions score 1 and K comes from its classes.json."""
+    from vss.data import list_frames, load_class_names, read_label_png, read_split, shift_labels
+    from vss.synthetic import ensure_default_dataset
+
+    monkeypatch.setenv("VSS_DATA", str(tmp_path / "data"))
+    root = ensure_default_dataset()
+    pred = tmp_path / "runs" / "default" / "pred"
+    for video in read_split(root, "val"):
+        for mask in list_frames(root / "data" / video, kind="mask"):
+            ids = shift_labels(read_label_png(mask))
+            ids[ids == 255] = 0
+            write_label_png(pred / video / mask.name, ids)
+    monkeypatch.setattr(ev, "DEFAULT_PRED", pred)
+    assert ev.main(["--json", str(tmp_path / "r.json"), "--no-progress"]) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["mIoU"] == 1.0 and res["num_videos"] == len(read_split(root, "val"))
+    assert res["num_classes"] == len(load_class_names(root)[0]) and res["config"]["gt"] == str(root)
+    assert res["VC8_windows"] > 0 and res["VC8"] == 1.0  # the prediction is a function of the GT

@@ -1,28 +1,74 @@
 """Train the vss models, on one CPU or under torchrun (DDP), optionally with Masked Video
-Consistency.
+Consistency, extra image datasets and the semi-supervised U2PL stage.
 
     python train.py                                       # tiny preset, embedded synthetic data
+    python train.py --stage tracker --init runs/default/last.pt --out runs/tracker
+    python train.py --stage refiner --init runs/tracker/last.pt --out runs/refiner
     torchrun --nproc_per_node 8 train.py --preset r50 --data VSPW_480p \
         --backbone-weights resnet50.pth --init m2f_coco.pt --mvc
+    python train.py --stage semi --init student.pt --data VSPW_480p --unlabeled-split test \
+        --pseudo pseudo/ --extra ADEChallengeData2016:ade150_to_vspw.json
 
-Stages (DVIS++ training chain, `reference/dvis_plus.md` section 5), each a `vss.video_model.
-VideoModel` whose checkpoint feeds the next stage through --init: `segmenter` (stage 1:
-Mask2Former on the B*T frames of the clips, per-frame targets, MinVIS-style: no reid loss).
-The tracker / refiner / semi-supervised stages plug into `STAGES` (build, loss).
+Stages (DVIS++ training chain, `reference/dvis_plus.md` sections 3-5), each a `vss.video_model.
+VideoModel` whose checkpoint feeds the next stage through --init:
+- `segmenter` (stage 1): Mask2Former on the B*T frames of the clips, per-frame targets,
+  MinVIS-style (no reid loss).
+- `tracker` (stage 2, from a segmenter checkpoint): the segmenter frozen; 5-frame clips (DVIS++
+  NUM 5); guided matching on the segmenter's outputs while the 0-based iteration is
+  < iters // 2 (DVIS++ `iter < MAX_ITER // 2`), the tracker's own outputs after.
+- `refiner` (stage 3, from a tracker checkpoint): segmenter and tracker frozen; 21-frame clips
+  reversed in time with p = 0.5 (DVIS++ NUM 21, REVERSE_AGU), random crops as every stage here
+  (`DataConfig.crop_size`); guided matching on the tracker's outputs in the first half.
+  Default clip lengths are the paper's for the r50/vitl presets and scaled down for the CPU
+  preset tiny (`CLIP_FRAMES`); --frames overrides them. With --mvc the frozen parts see the
+  masked frames too (`vss.video_model.video_loss`).
+- `semi` (PVUW 2024 1st place + U2PL, `vss/semi_stage.py`): fine-tunes the segmenter of a
+  student checkpoint of any stage (its tracker/refiner stay frozen, so the checkpoint keeps its
+  stage for inference: it stores `stage` = that stage and `semi: true`). Each micro-batch holds
+  --batch labelled clips and --batch clips of --unlabeled-split (of --data, or
+  --unlabeled-data) with the pseudo labels + entropies infer.py wrote to --pseudo; loss =
+  set loss on ground truth + --unsup-weight x set loss on reliable pseudo labels +
+  --contrastive-weight x U2PL contrastive loss (EMA teacher, memory bank gathered across ranks).
+  The teacher, representation head and memory bank are saved with every checkpoint.
+--init loads a checkpoint's modules into the new stage's model, strictly per module, and the
+frozen modules must all be present (a tracker needs a segmenter, a refiner a tracker checkpoint);
+it prints what was loaded, what is frozen and what stays at initialisation. The base config is
+--config, else --preset, else the --init checkpoint's config, else tiny.
+
+Extra image datasets (--extra ROOT:MAPFILE, repeatable; segmenter and semi stages, whose losses
+are per frame): `vss.label_remap.ImageFolderDataset`s (ROOT/images + ROOT/labels, or ADE20K's
+images/training + annotations/training) mixed into the labelled stream. Mixing is by slot: by
+default proportional to size (one epoch = a permutation of every video and every image, as a
+concatenated dataset); with --extra-ratio R each slot is an image with probability R (sampled
+with replacement). An image slot is a T-frame "clip" of T independently drawn and augmented
+images (a 1-frame clip when T = 1), so batches keep one shape; per-frame losses make the frames'
+independence harmless.
+
+Embedded data (no --data): the synthetic 120x160 videos train at their own scale, base_size 120,
+crop 128x160, test_size 120, and --iters 300 (unless --config, --crop, --base-size,
+--test-size or --iters say otherwise), so `python train.py` takes a few minutes on 2 CPU cores.
 
 Reproducibility and resume:
 - The clip at global position g (g = step * global_batch + slot) is a pure function of
-  (seed, g): video = permutation(seed, epoch)[g mod #videos], augmentation rng = (seed, g).
-  Micro-batch k of a step (rank r, accumulation a: k = r * accum + a) takes the slots
-  [k * batch, (k+1) * batch) and seeds torch's RNG (point sampling, MVC masks) from
-  (seed, step, k). So the data and randomness do not depend on the number of ranks, data-loader
-  workers or restarts: W ranks x A accumulation steps give the same update for any W * A, and a
-  resumed run continues exactly. (This replaces torch's DistributedSampler, which can neither
-  restart mid-epoch nor keep the global batch independent of the world size.)
-- last.pt (every --save-every steps, after each evaluation, at the end, and on SIGTERM/SIGINT)
-  holds the unwrapped model, optimizer, scheduler, scaler, step, config, stage, the RNG states
-  of every rank, best_miou and the data position; best.pt is the state of the best val mIoU.
+  (seed, g): video = permutation(seed, epoch)[g mod #videos], augmentation rng = (seed, g); the
+  unlabelled clip of slot g likewise, from its own streams. Micro-batch k of a step (rank r,
+  accumulation a: k = r * accum + a) takes the slots [k * batch, (k+1) * batch) and seeds
+  torch's RNG (point sampling, MVC masks, contrastive sampling) from (seed, step, k). So the data
+  and randomness do not depend on the number of ranks, data-loader workers or restarts: W ranks
+  x A accumulation steps give the same update for any W * A (except the semi stage's
+  percentiles and memory bank, which are per-rank batch statistics as in U2PL), and a resumed
+  run continues exactly. (This replaces torch's DistributedSampler, which can neither restart
+  mid-epoch nor keep the global batch independent of the world size.)
+- last.pt (every --save-every steps, after each evaluation, at the end, at the --time-budget and
+  on SIGTERM/SIGINT) holds the unwrapped model, optimizer, scheduler, scaler, step, config,
+  stage, the RNG states of every rank, best_miou, the data position, the dataset's class_names
+  and palette, the refiner's class memory of every rank and the semi stage's teacher,
+  representation head and memory bank; best.pt is the state of the best val mIoU.
   `--resume auto` continues from OUT/last.pt (or starts fresh when there is none).
+- --time-budget MIN stops (evaluates when --eval-every > 0, saves) once the process has used MIN
+  minutes of CPU time (time.process_time(): all threads of this process, setup included, data
+  workers excluded; every rank stops at the same step), so benchmarks on a shared machine
+  compare equal work; the LR schedule still spans --iters.
 - A NaN/inf loss stops the run with exit code 1; last.pt is then the last good state.
 """
 
@@ -51,26 +97,38 @@ from vss.backbone import load_backbone_weights
 from vss.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vss.config import PRESETS, Config, get_preset
 from vss.criterion import SetCriterion
-from vss.data import VSPWDataset, collate_clips, iter_eval_videos, load_class_names
+from vss.data import (IGNORE, VSPWDataset, collate_clips, default_palette, iter_eval_videos,
+                      load_class_names)
 from vss.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier,
-                             broadcast_buffers, cleanup, init_distributed, is_main, print0)
+                             broadcast_buffers, cleanup, get_rank, init_distributed, is_main,
+                             print0)
 from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_model,
                         make_autocast, train_step)
+from vss.label_remap import ImageFolderDataset
 from vss.matcher import HungarianMatcher
 from vss.mvc import scaled_patch_size
+from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, bank_fill, collate_pseudo,
+                            progress)
 from vss.synthetic import ensure_default_dataset
 from vss.video_model import STAGES as VIDEO_STAGES
 from vss.video_model import (VideoModel, build_video_model, load_previous_stage, predict_video,
                              video_loss)
 
 MVC_BASE_PATCH, MVC_BASE_SIZE = 64, 480  # b = 64 at the VSPW 480p scale (MIC's value)
+# Clip length T of the video stages: DVIS++ NUM 5 (online) and 21 (offline) for the paper
+# presets; the CPU preset scales them down (21-frame clips cost ~4x a 5-frame one per step).
+CLIP_FRAMES = {"tracker": {"paper": 5, "tiny": 5}, "refiner": {"paper": 21, "tiny": 9}}
+REVERSE_PROB = {"refiner": 0.5}  # DVIS++ REVERSE_AGU: stage 3 reverses clips in time with p=0.5
+# Embedded synthetic data (120x160 frames): train at their own scale, short enough for a laptop.
+SYNTHETIC_SIZES = {"base_size": 120, "crop_size": (128, 160), "test_size": 120}
+SYNTHETIC_ITERS = 300
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and data")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="config preset (default tiny)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="config preset (default: the --init checkpoint's config, else tiny)")
     g.add_argument("--config", type=Path,
                    help="a config JSON (e.g. a run's config.json); replaces --preset")
     g.add_argument("--data", type=Path,
@@ -79,20 +137,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", default="val", help="validation split (default val)")
     g.add_argument("--num-classes", type=int,
                    help="K (default: the dataset's classes.json, else VSPW's 124)")
-    g.add_argument("--stage", default="segmenter", choices=sorted(STAGES),
+    g.add_argument("--stage", default="segmenter", choices=sorted(STAGES_ORDER),
                    help="training stage (default segmenter)")
     g.add_argument("--backbone-weights", type=Path, help="torchvision ResNet / DINOv2 state dict")
     g.add_argument("--init", type=Path,
-                   help="weights to start from: a vss checkpoint (this or an earlier stage) or a "
-                        "segmenter state dict")
-    g = p.add_argument_group("schedule (overrides the config)")
-    g.add_argument("--frames", type=int, help="frames per clip T")
+                   help="weights to start from: a vss checkpoint (an earlier stage, this stage, "
+                        "or any stage for --stage semi) or a segmenter state dict")
+    g.add_argument("--extra", action="append", default=[], metavar="ROOT:MAPFILE",
+                   help="an extra image dataset (label_remap layout) and its label map file, "
+                        "mixed into the labelled stream (segmenter/semi stages; repeatable)")
+    g.add_argument("--extra-ratio", type=float, metavar="R",
+                   help="fraction of labelled slots taken from --extra images (default: "
+                        "proportional to the numbers of videos and images)")
+    g = p.add_argument_group("schedule and sizes (override the config)")
+    g.add_argument("--frames", type=int,
+                   help="frames per clip T (default: the preset's; tracker 5, refiner 21 "
+                        "(tiny: 5, 9))")
     g.add_argument("--batch", type=int, help="clips per rank and micro-batch")
     g.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step (default 1); global batch = ranks x accum x batch")
-    g.add_argument("--iters", type=int, help="training steps")
+    g.add_argument("--iters", type=int, help="training steps (the LR schedule's length)")
     g.add_argument("--lr", type=float, help="base learning rate")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
+    g.add_argument("--base-size", type=int, help="training short side before the random scale")
+    g.add_argument("--test-size", type=int, help="evaluation short side (0 = original size)")
     g.add_argument("--points", type=int, help="points per mask (matching and mask losses)")
     g.add_argument("--amp", choices=["fp16", "bf16", "off"],
                    help="mixed precision (default fp16 on CUDA, off on CPU)")
@@ -106,6 +174,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mask ratio r, the fraction of hidden patches (default 0.7)")
     g.add_argument("--mvc-weight", type=float, default=1.0,
                    help="weight lambda of the masked-frames loss (default 1)")
+    g = p.add_argument_group("semi-supervised stage (--stage semi; U2PL)")
+    g.add_argument("--pseudo", type=Path, metavar="DIR",
+                   help="pseudo labels + entropies of the unlabelled split (infer.py --ensemble "
+                        "A B --tta --tta-merge mean --save-probs --out DIR)")
+    g.add_argument("--unlabeled-split", default="test",
+                   help="split of the unlabelled videos (default test)")
+    g.add_argument("--unlabeled-data", type=Path, metavar="ROOT",
+                   help="VSPW-layout root of the unlabelled videos (default: --data)")
+    g.add_argument("--unsup-weight", type=float, default=1.0,
+                   help="lambda_u of the pseudo-label set loss (default 1)")
+    g.add_argument("--contrastive-weight", type=float, default=0.1,
+                   help="lambda_c of the U2PL contrastive loss (default 0.1, the paper's)")
+    g.add_argument("--drop-percent", type=float, default=80.0,
+                   help="U2PL drop_percent: reliable percentile at the start, -> 100 (default 80)")
+    g.add_argument("--entropy-alpha", type=float, default=20.0,
+                   help="U2PL alpha_0: %% of lowest/highest-entropy pixels for anchors/negatives, "
+                        "-> 0 (default 20)")
+    g.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
+    g.add_argument("--bank-size", type=int, default=30000,
+                   help="memory-bank keys per class (default 30000, U2PL's; 256 floats each)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/default"),
                    help="output folder (default runs/default)")
@@ -116,6 +204,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="save last.pt every N steps (default 200; 0: at evaluations and the end)")
     g.add_argument("--stop-at", type=int,
                    help="save and exit after this step (the LR schedule still spans --iters)")
+    g.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="stop (evaluate, save) after MIN minutes of CPU time of this process "
+                        "(time.process_time); the LR schedule still spans --iters")
     g.add_argument("--log-every", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--workers", type=int, default=2,
                    help="data-loader processes per rank (default 2)")
@@ -124,20 +215,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values and combinations without a meaning (argparse error, exit 2)."""
+    for name in ("accum", "log_every", "frames", "batch", "iters", "base_size", "bank_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.test_size is not None and args.test_size < 0:
+        parser.error(f"--test-size must be >= 0, got {args.test_size}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+    if args.extra_ratio is not None and not 0.0 <= args.extra_ratio <= 1.0:
+        parser.error(f"--extra-ratio must be in [0, 1], got {args.extra_ratio}")
+    if args.extra_ratio is not None and not args.extra:
+        parser.error("--extra-ratio needs --extra")
+    if args.extra and args.stage not in ("segmenter", "semi"):
+        parser.error(f"--extra images need a per-frame stage (segmenter or semi), not {args.stage}")
+    for spec in args.extra:
+        if ":" not in spec or not all(spec.rpartition(":")[::2]):
+            parser.error(f"--extra takes ROOT:MAPFILE, got {spec!r}")
+    if args.stage == "semi":
+        if args.pseudo is None:
+            parser.error("--stage semi needs --pseudo DIR (infer.py --save-probs output)")
+        if args.mvc:
+            parser.error("--mvc is not available with --stage semi")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.drop_percent <= 100.0 or not 0.0 <= args.entropy_alpha <= 50.0:
+        parser.error("--drop-percent must be in [0, 100] and --entropy-alpha in [0, 50]")
+
+
 # --------------------------------------------------------------------------------------------
-# Stages: the model of a stage (vss.video_model.VideoModel) and its loss on a micro-batch
+# Stages: the trainable module of a stage, its loss module, and its loss on a micro-batch
 # --------------------------------------------------------------------------------------------
 
 
-def build_segmenter_stage(cfg: Config) -> tuple[nn.Module, nn.Module]:
+def set_criterion(cfg: Config) -> SetCriterion:
+    return SetCriterion(cfg.model.num_classes, HungarianMatcher.from_config(cfg.loss), cfg.loss)
+
+
+def build_segmenter_stage(cfg: Config, args: argparse.Namespace, model_stage: str
+                          ) -> tuple[nn.Module, nn.Module]:
     """Stage-1 VideoModel and its set criterion."""
     model = build_video_model(cfg, "segmenter")
     # Stage 1 is MinVIS-style (no contrastive reid loss): the reid head gets no gradient. Freeze
     # it so DDP needs no unused-parameter search and weight decay does not shrink it.
     model.segmenter.transformer_decoder.reid_embed.requires_grad_(False)
-    matcher = HungarianMatcher.from_config(cfg.loss)
-    criterion = SetCriterion(cfg.model.num_classes, matcher, cfg.loss)
-    return model, criterion
+    return model, set_criterion(cfg)
 
 
 def segmenter_stage_loss(model: nn.Module, criterion: nn.Module, batch: dict, step: int,
@@ -146,12 +270,56 @@ def segmenter_stage_loss(model: nn.Module, criterion: nn.Module, batch: dict, st
     return video_loss(model, batch, criterion, mvc=mvc)
 
 
+def build_video_stage(cfg: Config, args: argparse.Namespace, model_stage: str
+                      ) -> tuple[nn.Module, nn.Module]:
+    """Stage-2/3 VideoModel (earlier stages frozen by VideoModel) and its set criterion."""
+    return build_video_model(cfg, model_stage), set_criterion(cfg)
+
+
+def video_stage_loss(model: nn.Module, criterion: nn.Module, batch: dict, step: int,
+                     cfg: Config, mvc: dict | None) -> dict[str, torch.Tensor]:
+    """Tracker/refiner losses; guided matching while the 0-based iteration < iters // 2."""
+    return video_loss(model, batch, criterion, guided=step - 1 < cfg.optim.iters // 2, mvc=mvc)
+
+
+def build_semi_stage(cfg: Config, args: argparse.Namespace, model_stage: str
+                     ) -> tuple[nn.Module, nn.Module]:
+    """SemiStudent (the student VideoModel of `model_stage` + representation head) and the U2PL
+    loss (set criterion, EMA teacher, memory bank). Call `teacher.copy_from` after loading the
+    student's weights."""
+    student = SemiStudent(build_video_model(cfg, model_stage), cfg.model.mask_dim)
+    loss = SemiLoss(set_criterion(cfg), student, cfg.model.num_classes,
+                    unsup_weight=args.unsup_weight, contrastive_weight=args.contrastive_weight,
+                    drop_base=args.drop_percent, alpha_base=args.entropy_alpha,
+                    ema_max_decay=args.ema_decay, queue_size=args.bank_size)
+    return student, loss
+
+
+def semi_stage_loss(model: nn.Module, criterion: nn.Module, batch: dict, step: int,
+                    cfg: Config, mvc: dict | None) -> dict[str, torch.Tensor]:
+    """PVUW Eq. (3) on one labelled + one pseudo-labelled micro-batch."""
+    return criterion(model, batch["labelled"], batch["unlabelled"], progress(step, cfg.optim.iters))
+
+
 class Stage(NamedTuple):
-    build: Callable  # (cfg) -> (VideoModel, criterion)
+    build: Callable  # (cfg, args, model stage) -> (trainable module, loss module)
     loss: Callable  # (model, criterion, batch on the device, step, cfg, mvc kwargs) -> loss terms
 
 
-STAGES = {"segmenter": Stage(build_segmenter_stage, segmenter_stage_loss)}
+STAGES = {
+    "segmenter": Stage(build_segmenter_stage, segmenter_stage_loss),
+    "tracker": Stage(build_video_stage, video_stage_loss),
+    "refiner": Stage(build_video_stage, video_stage_loss),
+    "semi": Stage(build_semi_stage, semi_stage_loss),
+}
+STAGES_ORDER = ("segmenter", "tracker", "refiner", "semi")
+TRAINS = {"segmenter": "segmenter", "tracker": "tracker", "refiner": "refiner", "semi": "segmenter"}
+NEEDS = {"tracker": "a segmenter", "refiner": "a tracker", "semi": "a student (any stage)"}
+
+
+def video_core(model: nn.Module) -> VideoModel:
+    """The VideoModel inside a stage's trainable module (evaluated, saved as `model`)."""
+    return model.model if isinstance(model, SemiStudent) else model
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,21 +327,60 @@ STAGES = {"segmenter": Stage(build_segmenter_stage, segmenter_stage_loss)}
 # --------------------------------------------------------------------------------------------
 
 
-def build_config(args: argparse.Namespace, num_classes: int) -> Config:
-    """Preset (or --config JSON) with the command-line overrides applied."""
+def read_init(path: Path) -> dict:
+    """--init file as {"state": VideoModel-style state dict, "stage", "config", "modules",
+    "bare"}; a bare segmenter state dict gets the `segmenter.` prefix."""
+    ckpt = load_checkpoint(path)
+    state, config, stage = ckpt, None, None
+    if isinstance(ckpt.get("model"), dict):
+        state, config, stage = ckpt["model"], ckpt.get("config"), ckpt.get("stage")
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {path} is neither a vss checkpoint nor a state dict")
+    modules = {k.split(".", 1)[0] for k in state}
+    bare = not modules <= set(VIDEO_STAGES)
+    if bare:  # e.g. converted Mask2Former weights
+        state, modules = {f"segmenter.{k}": v for k, v in state.items()}, {"segmenter"}
+    if stage not in VIDEO_STAGES:
+        stage = [s for s in VIDEO_STAGES if s in modules][-1]
+    return {"path": path, "state": state, "stage": stage, "config": config, "modules": modules,
+            "bare": bare}
+
+
+def build_config(args: argparse.Namespace, num_classes: int, init: dict | None) -> Config:
+    """--config, else --preset, else the --init checkpoint's config, else tiny; with the
+    command-line overrides and the stage's clip defaults applied."""
     if args.config is not None:
         try:
             cfg = Config.from_dict(json.loads(args.config.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"cannot read config {args.config}: {e}") from None
-    else:
+    elif args.preset is not None:
         cfg = get_preset(args.preset)
+    elif init is not None and init["config"] is not None:
+        try:
+            cfg = Config.from_dict(init["config"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--init {init['path']}: unreadable config ({e})") from None
+        if cfg.model.num_classes != num_classes:
+            raise ValueError(f"--init {init['path']} predicts {cfg.model.num_classes} classes but "
+                             f"the data has {num_classes}")
+    else:
+        cfg = get_preset("tiny")
     cfg.model.num_classes = num_classes
-    overrides = {"frames": args.frames, "batch": args.batch, "iters": args.iters, "lr": args.lr}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    cfg.optim = dataclasses.replace(cfg.optim, **overrides)
-    if args.crop:
-        cfg.data = dataclasses.replace(cfg.data, crop_size=tuple(args.crop))
+    embedded = args.data is None and args.config is None
+    if embedded and not args.crop:
+        cfg.data = dataclasses.replace(cfg.data, **SYNTHETIC_SIZES)
+    frames = args.frames
+    if frames is None and args.stage in CLIP_FRAMES:
+        frames = CLIP_FRAMES[args.stage]["tiny" if cfg.name == "tiny" else "paper"]
+    elif frames is None and args.config is None and cfg.name in PRESETS:
+        frames = get_preset(cfg.name).optim.frames  # e.g. a segmenter run after a tracker --init
+    iters = args.iters or (SYNTHETIC_ITERS if embedded else None)
+    overrides = {"frames": frames, "batch": args.batch, "iters": iters, "lr": args.lr}
+    cfg.optim = dataclasses.replace(cfg.optim, **{k: v for k, v in overrides.items() if v is not None})
+    data = {"crop_size": tuple(args.crop) if args.crop else None, "base_size": args.base_size,
+            "test_size": args.test_size}
+    cfg.data = dataclasses.replace(cfg.data, **{k: v for k, v in data.items() if v is not None})
     if args.points:
         cfg.loss = dataclasses.replace(cfg.loss, num_points=args.points)
     return cfg
@@ -191,17 +398,89 @@ def resolve_data(args: argparse.Namespace) -> Path:
     return ensure_default_dataset()
 
 
-class PositionedClips(torch.utils.data.Dataset):
-    """Clip at global position g, a pure function of (seed, g) (see the module docstring)."""
+def open_extra(spec: str, cfg: Config) -> ImageFolderDataset:
+    """--extra ROOT:MAPFILE; ROOT/{images,labels} or ADE20K's images/training +
+    annotations/training."""
+    root, _, map_file = spec.rpartition(":")
+    root = Path(root)
+    dirs = {"image_dir": "images", "label_dir": "labels"}
+    if not (root / "labels").is_dir() and (root / "annotations" / "training").is_dir():
+        dirs = {"image_dir": "images/training", "label_dir": "annotations/training"}
+    return ImageFolderDataset(root, map_file, num_classes=cfg.model.num_classes, cfg=cfg.data, **dirs)
 
-    def __init__(self, dataset: VSPWDataset, seed: int):
+
+def extra_clip(dataset: ImageFolderDataset, first: int, num_frames: int,
+               rng: np.random.Generator) -> dict:
+    """A T-frame "clip" of images: `first` and T-1 more drawn uniformly, each with its own
+    augmentation (see the module docstring); padded to a common size."""
+    idx = [first] + [int(i) for i in rng.integers(0, len(dataset.items), size=num_frames - 1)]
+    items = [dataset.load_item(i, rng) for i in idx]
+    height = max(it["frames"].shape[-2] for it in items)
+    width = max(it["frames"].shape[-1] for it in items)
+    frames = torch.zeros(num_frames, 3, height, width)  # (T,3,H,W)
+    labels = torch.full((num_frames, height, width), IGNORE, dtype=torch.int64)  # (T,H,W)
+    for t, it in enumerate(items):
+        h, w = it["frames"].shape[-2:]
+        frames[t, :, :h, :w] = it["frames"][0]
+        labels[t, :h, :w] = it["labels"][0]
+    return {"frames": frames, "labels": labels, "video": f"{dataset.root.name}/{items[0]['video']}",
+            "frame_names": [it["video"] for it in items], "frame_idx": idx}
+
+
+class PositionedClips(torch.utils.data.Dataset):
+    """Item g: the labelled clip at global position g (a video clip or, with extra datasets, an
+    image "clip"), and in the semi stage {"labelled": ..., "unlabelled": the pseudo-labelled
+    clip at g}; a pure function of (seed, g) (see the module docstring)."""
+
+    def __init__(self, dataset: VSPWDataset, seed: int, *, extras: list = (),
+                 extra_ratio: float | None = None, unlabelled: PseudoLabelClips | None = None):
         self.dataset, self.seed = dataset, seed
+        self.extras, self.extra_ratio, self.unlabelled = list(extras), extra_ratio, unlabelled
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(source, index) of slot g: source -1 = the video dataset, j = extras[j]."""
+        n = len(self.dataset.videos)
+        if not self.extras:
+            epoch, offset = divmod(g, n)
+            return -1, int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset])
+        sizes = [n] + [len(e.items) for e in self.extras]
+        if self.extra_ratio is None:  # one epoch = every video and every image once
+            total = sum(sizes)
+            epoch, offset = divmod(g, total)
+            k = int(np.random.default_rng([self.seed, epoch]).permutation(total)[offset])
+            bounds = np.cumsum(sizes)
+            j = int(np.searchsorted(bounds, k, side="right"))
+            return j - 1, k - (int(bounds[j - 1]) if j else 0)
+        pick = np.random.default_rng([self.seed, g, 2])
+        if pick.random() >= self.extra_ratio:
+            return -1, int(pick.integers(n))
+        weights = np.asarray(sizes[1:], dtype=np.float64)
+        j = int(pick.choice(len(self.extras), p=weights / weights.sum()))
+        return j, int(pick.integers(sizes[j + 1]))
+
+    def labelled(self, g: int) -> dict:
+        rng = np.random.default_rng([self.seed, g, 1])
+        source, index = self.locate(g)
+        if source < 0:
+            return self.dataset.load_clip(index, rng)
+        return extra_clip(self.extras[source], index, self.dataset.num_frames, rng)
 
     def __getitem__(self, g: int) -> dict:
-        n = len(self.dataset.videos)
+        clip = self.labelled(g)
+        if self.unlabelled is None:
+            return clip
+        n = len(self.unlabelled)
         epoch, offset = divmod(g, n)
-        video = int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset])
-        return self.dataset.load_clip(video, np.random.default_rng([self.seed, g, 1]))
+        video = int(np.random.default_rng([self.seed, 1, epoch]).permutation(n)[offset])
+        pseudo = self.unlabelled.load_clip(video, np.random.default_rng([self.seed, g, 3]))
+        return {"labelled": clip, "unlabelled": pseudo}
+
+
+def collate_positioned(items: list[dict], size_divisibility: int) -> dict:
+    if "labelled" not in items[0]:
+        return collate_clips(items, size_divisibility)
+    return {"labelled": collate_clips([it["labelled"] for it in items], size_divisibility),
+            "unlabelled": collate_pseudo([it["unlabelled"] for it in items], size_divisibility)}
 
 
 class RankPositions(torch.utils.data.Sampler):
@@ -224,41 +503,75 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def build_dataset(root: Path, args: argparse.Namespace, cfg: Config) -> PositionedClips:
+    """The positioned training items of the stage (videos, extra images, pseudo-labelled clips)."""
+    dataset = VSPWDataset(root, args.split, num_frames=cfg.optim.frames, cfg=cfg.data,
+                          num_classes=cfg.model.num_classes,
+                          reverse_prob=REVERSE_PROB.get(args.stage, 0.0))
+    extras = [open_extra(spec, cfg) for spec in args.extra]
+    unlabelled = None
+    if args.stage == "semi":
+        unlabelled = PseudoLabelClips(args.unlabeled_data or root, args.unlabeled_split, args.pseudo,
+                                      num_frames=cfg.optim.frames, cfg=cfg.data,
+                                      num_classes=cfg.model.num_classes)
+    return PositionedClips(dataset, args.seed, extras=extras, extra_ratio=args.extra_ratio,
+                           unlabelled=unlabelled)
+
+
 def build_loader(root: Path, args: argparse.Namespace, cfg: Config, dist: DistInfo,
                  start_step: int) -> torch.utils.data.DataLoader:
     """This rank's micro-batches from `start_step` on (see RankPositions)."""
-    dataset = VSPWDataset(root, args.split, num_frames=cfg.optim.frames, cfg=cfg.data,
-                          num_classes=cfg.model.num_classes)
     per_rank = args.accum * cfg.optim.batch
     sampler = RankPositions(start_step, per_rank * dist.world_size, dist.rank * per_rank, per_rank)
     return torch.utils.data.DataLoader(
-        PositionedClips(dataset, args.seed), batch_size=cfg.optim.batch, sampler=sampler,
+        build_dataset(root, args, cfg), batch_size=cfg.optim.batch, sampler=sampler,
         num_workers=args.workers, pin_memory=dist.device.type == "cuda",
         worker_init_fn=_ignore_stop_signals,
-        collate_fn=partial(collate_clips, size_divisibility=cfg.data.size_divisibility))
+        collate_fn=partial(collate_positioned, size_divisibility=cfg.data.size_divisibility))
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
-def load_init_weights(model: VideoModel, args: argparse.Namespace) -> None:
-    """--backbone-weights into the segmenter's backbone; --init (a vss checkpoint of this or an
-    earlier stage, or a bare segmenter state dict) into the matching modules."""
+def load_init_weights(core: VideoModel, args: argparse.Namespace, init: dict | None) -> None:
+    """--backbone-weights into the segmenter's backbone; --init into the modules the model has
+    (strict per module); the modules the stage keeps frozen must all come from --init."""
     if args.backbone_weights is not None:
-        load_backbone_weights(model.segmenter.backbone, args.backbone_weights)
-    if args.init is not None:
-        state = load_checkpoint(args.init)
-        state = state.get("model", state)
-        if all(k.split(".", 1)[0] in VIDEO_STAGES for k in state):
-            kept = load_previous_stage(model, state, source=str(args.init))
-            print0(f"--init {args.init}: loaded; {kept or 'no module'} left at initialisation")
-            return
-        missing, unexpected = model.segmenter.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"--init {args.init} matches neither the {args.stage} model nor a "
-                             "segmenter: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_backbone_weights(core.segmenter.backbone, args.backbone_weights)
+    if init is None:
+        if args.stage != "segmenter":
+            raise ValueError(f"--stage {args.stage} starts from a trained model: pass --init with "
+                             f"{NEEDS[args.stage]} checkpoint")
+        return
+    path = init["path"]
+    present = [n for n in VIDEO_STAGES if getattr(core, n) is not None]
+    state = {k: v for k, v in init["state"].items() if k.split(".", 1)[0] in present}
+    loaded = [n for n in present if n in init["modules"]]
+    try:
+        if not loaded:
+            raise ValueError(f"it holds only {sorted(init['modules'])}")
+        left = load_previous_stage(core, state, source=str(path))
+    except (ValueError, RuntimeError) as e:
+        detail = str(e).split("\n")[0][:400]
+        if init["bare"]:
+            raise ValueError(f"--init {path} matches neither the {core.stage} model nor a "
+                             f"segmenter: {detail}") from None
+        raise ValueError(f"--init {path} does not fit the {core.stage} model: {detail}") from None
+    trains = TRAINS[args.stage]
+    frozen = [n for n in present if n != trains]
+    required = present if args.stage == "semi" else frozen
+    missing = [n for n in required if n in left]
+    if missing:
+        raise ValueError(f"--init {path} is a {init['stage']} checkpoint without {missing} weights, "
+                         f"which --stage {args.stage} needs; pass {NEEDS[args.stage]} checkpoint")
+    tensors = sum(1 for k in state)
+    ignored = sorted(init["modules"] - set(present))
+    print0(f"--init {path} ({init['stage']} checkpoint): loaded {', '.join(loaded)} "
+           f"({tensors} tensors, strict per module); trains: {trains}; "
+           f"frozen: {', '.join(frozen) or 'none'}"
+           + (f"; left at initialisation: {', '.join(left)}" if left else "")
+           + (f"; ignored from the checkpoint: {', '.join(ignored)}" if ignored else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,27 +583,50 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, cfg, args, step, best_miou,
-                     global_batch) -> dict:
-    """The full training state (collective: gathers every rank's RNG states)."""
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+class RunInfo(NamedTuple):
+    """What checkpoints carry besides the states: the data's classes and the batch layout."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    global_batch: int
+
+
+def checkpoint_state(model, criterion, optimizer, scheduler, scaler, cfg, args, step, best_miou,
+                     info: RunInfo) -> dict:
+    """The full training state (collective: gathers every rank's RNG states and class memory)."""
+    core = video_core(model)
+    state = {
+        "model": core.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-        "step": step, "config": cfg.to_dict(), "stage": args.stage,
+        "step": step, "config": cfg.to_dict(), "stage": core.stage, "semi": args.stage == "semi",
         "rng": all_gather_object(rng_state()),
         "best_miou": best_miou, "args": plain_args(args),
-        "data": {"seed": args.seed, "global_batch": global_batch, "samples": step * global_batch},
+        "data": {"seed": args.seed, "global_batch": info.global_batch,
+                 "samples": step * info.global_batch},
+        "class_names": list(info.class_names), "palette": info.palette,
+        "cpu_minutes": time.process_time() / 60,
     }
+    if core.stage == "refiner" and args.stage == "refiner":
+        # per rank (DVIS++ keeps one memory per GPU), for an exact resume of the reid loss
+        state["class_memory"] = all_gather_object(dict(core.class_memory.items))
+    if isinstance(criterion, SemiLoss):
+        state["semi_state"] = {"rep_head": model.rep_head.state_dict(), **criterion.semi_state()}
+    return state
 
 
 def check_resume(ckpt: dict, path: Path, args: argparse.Namespace, global_batch: int) -> None:
     """A resumed run must define the same data and loss, else it would not continue exactly."""
-    if ckpt.get("stage") != args.stage:
-        raise ValueError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not {args.stage!r}; "
+    trained = "semi" if ckpt.get("semi") else ckpt.get("stage")
+    if trained != args.stage:
+        raise ValueError(f"{path} is a {trained!r} checkpoint, not {args.stage!r}; "
                          "start the next stage with --init")
     old = ckpt.get("args", {})
-    keys = ("seed", "mvc", "mvc_patch", "mvc_ratio", "mvc_weight")
-    differ = [k for k in keys if old.get(k) != getattr(args, k)]
+    keys = ["seed", "mvc", "mvc_patch", "mvc_ratio", "mvc_weight", "extra", "extra_ratio"]
+    if args.stage == "semi":
+        keys += ["pseudo", "unlabeled_split", "unlabeled_data", "unsup_weight", "contrastive_weight",
+                 "drop_percent", "entropy_alpha", "ema_decay", "bank_size"]
+    new = plain_args(args)
+    differ = [k for k in keys if old.get(k, new[k]) != new[k]]  # keys unknown to old runs pass
     if ckpt["data"]["global_batch"] != global_batch:
         differ.append(f"global batch {ckpt['data']['global_batch']} -> {global_batch}")
     if differ:
@@ -299,18 +635,24 @@ def check_resume(ckpt: dict, path: Path, args: argparse.Namespace, global_batch:
                          "pass the flags of the original run, or start a new run with --init")
 
 
-def restore_state(ckpt: dict | None, model, optimizer, scheduler, scaler, dist: DistInfo
-                  ) -> tuple[int, float | None]:
+def restore_state(ckpt: dict | None, model, criterion, optimizer, scheduler, scaler,
+                  dist: DistInfo) -> tuple[int, float | None]:
     """Load a resumed run's states; returns (step, best_miou), (0, None) for a new run."""
     if ckpt is None:
         return 0, None
-    model.load_state_dict(ckpt["model"])
+    core = video_core(model)
+    core.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == dist.world_size:
         set_rng_state(ckpt["rng"][dist.rank])
+    if len(ckpt.get("class_memory", [])) == dist.world_size:
+        core.class_memory.items = {int(c): t for c, t in ckpt["class_memory"][dist.rank].items()}
+    if isinstance(criterion, SemiLoss):
+        model.rep_head.load_state_dict(ckpt["semi_state"]["rep_head"])
+        criterion.load_semi_state(ckpt["semi_state"])
     print0(f"resumed at step {ckpt['step']}")
     return ckpt["step"], ckpt["best_miou"]
 
@@ -324,14 +666,15 @@ def mvc_settings(args: argparse.Namespace, cfg: Config) -> dict | None:
 
 
 def log_train_step(out_dir: Path, step: int, out: dict, clips_per_s: float, world_size: int,
-                   device: torch.device) -> float:
-    """Log the losses averaged over ranks (collective), LR, grad norm, speed, memory; returns
-    the mean loss."""
+                   device: torch.device, extra: dict | None = None) -> float:
+    """Log the losses averaged over ranks (collective), LR, grad norm, speed, memory, CPU time;
+    returns the mean loss."""
     keys = [k for k in out if k not in ("skipped", "grad_norm", "lr")]
     mean = (all_reduce_sum(torch.tensor([out[k] for k in keys])) / world_size).tolist()
     log_json(out_dir, {"step": step, **dict(zip(keys, mean)), "lr": out["lr"],
                        "grad_norm": out["grad_norm"], "skipped": out["skipped"],
-                       "clips_per_s": clips_per_s, "mem_mb": memory_mb(device)})
+                       "clips_per_s": clips_per_s, "mem_mb": memory_mb(device),
+                       "cpu_min": time.process_time() / 60, **(extra or {})})
     return mean[keys.index("loss")]
 
 
@@ -352,6 +695,11 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on some rank (collective)."""
+    return float(all_reduce_sum(torch.tensor([float(flag)]))) > 0
 
 
 class StopRequest:
@@ -375,7 +723,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got a signal (so all stop at the same step)."""
-        return float(all_reduce_sum(torch.tensor([float(self.signum is not None)]))) > 0
+        return any_rank(self.signum is not None)
 
 
 def run_eval(model: VideoModel, videos: list, cfg: Config, class_names: list[str], amp: str,
@@ -391,6 +739,13 @@ def run_eval(model: VideoModel, videos: list, cfg: Config, class_names: list[str
                           class_names=class_names, progress=is_main())
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Frames of a batch (or of each sub-batch) on the device; the rest moves where used."""
+    if "frames" in batch:
+        return {**batch, "frames": batch["frames"].to(device, non_blocking=True)}
+    return {k: _to_device(v, device) for k, v in batch.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -399,10 +754,7 @@ def run_eval(model: VideoModel, videos: list, cfg: Config, class_names: list[str
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("accum", "log_every", "frames", "batch", "iters"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_args(parser, args)
     dist = init_distributed(args.device)
     try:
         with StopRequest() as stop:
@@ -423,33 +775,45 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     # 1. data, config (a resumed run keeps its checkpoint's), output folder
     root = resolve_data(args)
-    class_names = load_class_names(root)[0]
+    class_names, palette = load_class_names(root)
+    palette = palette if palette is not None else default_palette(len(class_names))
     resume = args.out / "last.pt" if args.resume == "auto" else args.resume and Path(args.resume)
-    ckpt = None
+    ckpt = init = None
     if resume and (args.resume != "auto" or resume.exists()):
         ckpt = load_checkpoint(resume)
+    elif args.init is not None:
+        init = read_init(args.init)
     cfg = Config.from_dict(ckpt["config"]) if ckpt else build_config(
-        args, args.num_classes or len(class_names))
+        args, args.num_classes or len(class_names), init)
     global_batch = dist.world_size * args.accum * cfg.optim.batch
     if ckpt:
         check_resume(ckpt, resume, args, global_batch)
+    model_stage = args.stage
+    if args.stage == "semi":  # the student keeps its stage
+        source = ckpt or init
+        if source is None:
+            raise ValueError("--stage semi starts from a student: pass --init CHECKPOINT")
+        model_stage = source["stage"]
     args.out.mkdir(parents=True, exist_ok=True)
     if is_main():
         (args.out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    info = RunInfo(class_names, palette.tolist(), global_batch)
 
     # 2. model, optimiser, schedule, mixed precision (restored when resuming)
     stage, device = STAGES[args.stage], dist.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model, criterion = stage.build(cfg)
+    model, criterion = stage.build(cfg, args, model_stage)
     if ckpt is None:
-        load_init_weights(model, args)
+        load_init_weights(video_core(model), args, init)
+        if isinstance(criterion, SemiLoss):
+            criterion.teacher.copy_from(model)  # U2PL: the teacher starts as the student
     model.to(device)
     criterion.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     amp = args.amp or ("fp16" if device.type == "cuda" else "off")
     autocast_ctx, scaler = make_autocast(device, amp)
-    start, best_miou = restore_state(ckpt, model, optimizer, scheduler, scaler, dist)
+    start, best_miou = restore_state(ckpt, model, criterion, optimizer, scheduler, scaler, dist)
     ddp = model
     if dist.enabled:
         ddp = nn.parallel.DistributedDataParallel(
@@ -457,27 +821,32 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     batches = iter(build_loader(root, args, cfg, dist, start))
     videos = list(iter_eval_videos(root, args.val_split)) if args.eval_every > 0 else []
     mvc = mvc_settings(args, cfg)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print0(f"stage {args.stage}, {cfg.name}: {params:.2f}M params; "
-           f"{dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips x "
-           f"{cfg.optim.frames} frames; amp {amp}; mvc {mvc}; {device}")
+    semi = isinstance(criterion, SemiLoss)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    print0(f"stage {args.stage} ({model_stage} model), {cfg.name}: {trainable:.2f}M trainable params; "
+           f"{dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
+           f"{' (+ as many pseudo-labelled)' if semi else ''} x {cfg.optim.frames} frames; "
+           f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at "
+           f"{cfg.data.test_size}; amp {amp}; mvc {mvc}; {device}")
 
     def loss_fn(model: nn.Module, micro: tuple[int, dict]) -> dict[str, torch.Tensor]:
         seed, batch = micro
-        torch.manual_seed(seed)  # point sampling and MVC masks of this micro-batch
-        batch = {**batch, "frames": batch["frames"].to(device, non_blocking=True)}
-        return stage.loss(model, criterion, batch, step, cfg, mvc)
+        torch.manual_seed(seed)  # point sampling, MVC masks, contrastive sampling of this micro-batch
+        return stage.loss(model, criterion, _to_device(batch, device), step, cfg, mvc)
 
     def save(name: str, step: int) -> None:
         broadcast_buffers(model)
-        state = checkpoint_state(model, optimizer, scheduler, scaler, cfg, args, step, best_miou,
-                                 global_batch)
+        if semi:
+            broadcast_buffers(criterion.teacher)
+        state = checkpoint_state(model, criterion, optimizer, scheduler, scaler, cfg, args, step,
+                                 best_miou, info)
         if is_main():  # every rank took part in gathering the RNG states
             save_checkpoint(args.out / name, state)
 
-    # 3. the loop: step, log, evaluate, stop on a signal, save
+    # 3. the loop: step, log, evaluate, stop on a signal or the time budget, save
     model.train()
     end = min(cfg.optim.iters, args.stop_at or cfg.optim.iters)
+    budget = args.time_budget * 60 if args.time_budget else None
     bar = tqdm(total=cfg.optim.iters, initial=start, disable=not is_main(), desc=args.stage)
     tick, last_log, step = time.time(), start, start
     for step in range(start + 1, end + 1):
@@ -485,16 +854,23 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
                  for a in range(args.accum)]
         out = train_step(ddp, micro, loss_fn, optimizer, scaler, scheduler, cfg.optim.clip_grad,
                          autocast_ctx)
+        if semi:  # U2PL: EMA after the optimiser step, k = 0-based semi iteration
+            criterion.teacher.update(model, step - 1, args.ema_decay)
         bar.update(1)
         if step % args.log_every == 0 or step == end:
             rate = global_batch * (step - last_log) / (time.time() - tick)
-            loss = log_train_step(args.out, step, out, rate, dist.world_size, device)
+            extra = {"bank_keys": bank_fill(criterion)} if semi else None
+            loss = log_train_step(args.out, step, out, rate, dist.world_size, device, extra)
             bar.set_postfix(loss=f"{loss:.3f}")
             tick, last_log = time.time(), step
-        evaluate = args.eval_every > 0 and (step % args.eval_every == 0 or step == cfg.optim.iters)
+        over_budget = budget is not None and any_rank(time.process_time() >= budget)
+        evaluate = args.eval_every > 0 and (step % args.eval_every == 0 or step == cfg.optim.iters
+                                            or over_budget)
         if evaluate:
+            core = video_core(model)
             broadcast_buffers(model)  # every rank evaluates with rank 0's BatchNorm statistics
-            metrics = run_eval(model, videos, cfg, class_names, amp, device)
+            metrics = run_eval(core, videos, cfg, class_names, amp, device)
+            model.train()  # predict_video restores the core's mode, not the stage's
             log_json(args.out, {"step": step, "val": {k: v for k, v in metrics.items()
                                                       if isinstance(v, (int, float))}})
             print0(f"step {step}: val mIoU {metrics['mIoU']:.4f} VC8 {metrics['VC8']:.4f} "
@@ -507,6 +883,15 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
             print0(f"stopped by a signal at step {step}; saved {args.out / 'last.pt'}; "
                    "continue with --resume auto")
             return 128 + (stop.signum or signal.SIGTERM)
+        if over_budget:
+            save("last.pt", step)
+            log_json(args.out, {"step": step, "stopped": "time budget",
+                                "cpu_min": time.process_time() / 60})
+            print0(f"time budget of {args.time_budget} CPU-minutes reached at step {step} "
+                   f"(rank {get_rank()}: {time.process_time() / 60:.2f}); saved "
+                   f"{args.out / 'last.pt'}")
+            bar.close()
+            return 0
         if evaluate or step == end or (args.save_every > 0 and step % args.save_every == 0):
             save("last.pt", step)
     bar.close()

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -114,7 +116,7 @@ def test_resume_continues_exactly(straight, setup):
     assert_same_state(a, b, exact=True)
     assert a["scheduler"] == b["scheduler"] and a["best_miou"] == b["best_miou"]
     def steps_3_4(out):  # the same losses, LR, grad norm, val metrics; timings differ
-        return [{k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb")}
+        return [{k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb", "cpu_min")}
                 for x in log_lines(out) if x["step"] > 2]
     assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 3
 
@@ -231,3 +233,212 @@ def test_default_data_is_the_embedded_synthetic_set(setup, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (env_data / "synthetic" / "classes.json").is_file()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"]["num_classes"] == 6
+
+
+# --------------------------------------------------------------------------------------------
+# Video stages, --init, time budget, extra image datasets, config defaults
+# --------------------------------------------------------------------------------------------
+
+torch.set_num_threads(1)  # the in-process runs below
+
+
+def _keys(state: dict, module: str) -> list[str]:
+    return [k for k in state if k.startswith(module + ".")]
+
+
+def _video_model(ck: dict):
+    from vss.video_model import build_video_model
+
+    model = build_video_model(Config.from_dict(ck["config"]), ck["stage"])
+    model.load_state_dict(ck["model"], strict=True)  # what infer.py's load_member does
+    return model
+
+
+@pytest.fixture(scope="module")
+def tracker_run(setup, straight, tmp_path_factory):
+    """Stage 2 from the segmenter checkpoint: 4 steps, 3-frame clips, evaluated at the end;
+    records the `guided` flag of every video_loss call."""
+    out = tmp_path_factory.mktemp("tracker")
+    flags = []
+    real = train.video_loss
+
+    def spy(model, batch, criterion, *, guided=False, mvc=None):
+        flags.append(guided)
+        return real(model, batch, criterion, guided=guided, mvc=mvc)
+
+    train.video_loss = spy
+    try:
+        code = train.main(args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt",
+                                   "--frames", 3, "--eval-every", 4))
+    finally:
+        train.video_loss = real
+    assert code == 0
+    return out, flags
+
+
+def test_tracker_stage_freezes_the_segmenter_and_guides_the_first_half(tracker_run, straight, setup):
+    out, guided = tracker_run
+    seg, trk = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
+    assert trk["stage"] == "tracker" and trk["semi"] is False and trk["step"] == 4
+    assert trk["config"]["optim"]["frames"] == 3
+    # the frozen segmenter (parameters and BatchNorm buffers) is bitwise the init's
+    assert _keys(trk["model"], "segmenter") == _keys(seg["model"], "segmenter")
+    assert all(torch.equal(trk["model"][k], seg["model"][k]) for k in _keys(seg["model"], "segmenter"))
+    assert _keys(trk["model"], "tracker") and not _keys(trk["model"], "refiner")
+    # DVIS++: guided while the 0-based iteration < iters // 2 (iterations 0, 1 of 4)
+    assert guided == [True, True, False, False]
+    _video_model(trk)
+    assert trk["class_names"] == json.loads((setup["data"] / "classes.json").read_text())["classes"]
+    assert len(trk["palette"]) == 2 and all(len(c) == 3 for c in trk["palette"])
+    val = [x["val"] for x in log_lines(out) if "val" in x]
+    assert len(val) == 1 and 0 <= val[0]["mIoU"] <= 1  # predict_video of a tracker model
+
+
+def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
+    trk = load_checkpoint(tracker_run[0] / "last.pt")
+    out = tmp_path / "refiner"
+    assert train.main(args_for(setup, out, "--stage", "refiner", "--init", tracker_run[0] / "last.pt",
+                               "--frames", 4, "--iters", 2, "--eval-every", 2, "--mvc", "--mvc-patch", 8)) == 0
+    ref = load_checkpoint(out / "last.pt")
+    assert ref["stage"] == "refiner" and ref["step"] == 2
+    frozen = _keys(trk["model"], "segmenter") + _keys(trk["model"], "tracker")
+    assert all(torch.equal(ref["model"][k], trk["model"][k]) for k in frozen)
+    assert _keys(ref["model"], "refiner")
+    assert len(ref["class_memory"]) == 1  # the reid memory of each rank, for an exact resume
+    _video_model(ref)
+    lines = log_lines(out)
+    assert any("mvc_loss_ce" in x and "mvc_loss_reid" in x for x in lines)
+    assert any("val" in x for x in lines)
+
+
+def test_refiner_resume_restores_the_class_memory(tracker_run, setup, tmp_path):
+    extra = ("--stage", "refiner", "--init", tracker_run[0] / "last.pt", "--frames", 3, "--iters", 3)
+    straight_out, split_out = tmp_path / "a", tmp_path / "b"
+    assert train.main(args_for(setup, straight_out, *extra)) == 0
+    assert train.main(args_for(setup, split_out, *extra, "--stop-at", 1)) == 0
+    assert train.main(args_for(setup, split_out, *extra, "--resume", "auto")) == 0
+    a, b = load_checkpoint(straight_out / "last.pt"), load_checkpoint(split_out / "last.pt")
+    assert_same_state(a, b, exact=True)
+    assert a["class_memory"][0].keys() == b["class_memory"][0].keys()
+    assert all(torch.equal(a["class_memory"][0][c], b["class_memory"][0][c]) for c in a["class_memory"][0])
+
+
+def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, capsys):
+    assert train.main(args_for(setup, tmp_path / "a", "--stage", "refiner", "--init", straight / "last.pt")) == 2
+    assert "without ['tracker'] weights" in capsys.readouterr().err
+    assert train.main(args_for(setup, tmp_path / "b", "--stage", "tracker")) == 2
+    assert "pass --init with a segmenter checkpoint" in capsys.readouterr().err
+    # a tracker checkpoint as --init of the segmenter stage: the segmenter is loaded, the
+    # tracker ignored, and the message says so
+    assert train.main(args_for(setup, tmp_path / "c", "--init", tracker_run[0] / "last.pt", "--iters", 1)) == 0
+    printed = capsys.readouterr().out
+    assert "loaded segmenter" in printed and "ignored from the checkpoint: tracker" in printed
+
+
+def test_time_budget_stops_early_evaluates_and_saves(setup, tmp_path):
+    out = tmp_path / "budget"
+    # this process has used far more than 0.01 CPU-minutes already: it stops after step 1
+    assert train.main(args_for(setup, out, "--iters", 50, "--time-budget", 0.01, "--eval-every", 25)) == 0
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 1 and ck["cpu_minutes"] > 0.01
+    lines = log_lines(out)
+    assert any(x.get("stopped") == "time budget" for x in lines) and any("val" in x for x in lines)
+    assert [x["lr"] for x in lines if "loss" in x] == [2e-4]  # the schedule still spans 50 steps
+
+
+def _image_folder(root: Path, values: list[int]) -> Path:
+    """One constant-label 32x32 image per source value (label = the value, image grey = 4 * value)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i, v in enumerate(values):
+        cv2.imwrite(str(root / "images" / f"im{i}.png"), np.full((32, 32, 3), 4 * v, np.uint8))
+        cv2.imwrite(str(root / "labels" / f"im{i}.png"), np.full((32, 32), v, np.uint8))
+    return root
+
+
+def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
+    root = _image_folder(tmp_path / "imgs", [10, 20, 30])
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"num_target_classes": 2, "map": {"10": 0, "20": 1}}))
+    argv = args_for(setup, tmp_path / "x", "--extra", f"{root}:{mapping}")
+    args = train.get_args_parser().parse_args(argv)
+    cfg = train.build_config(args, 2, None)
+    positioned = train.build_dataset(setup["data"], args, cfg)
+    n_videos = len(positioned.dataset.videos)
+    # proportional: one epoch = every video and every image exactly once
+    epoch = [positioned.locate(g) for g in range(n_videos + 3)]
+    assert sorted(epoch) == sorted([(-1, i) for i in range(n_videos)] + [(0, i) for i in range(3)])
+    # an image slot is a T-frame clip of remapped images (10 -> 0, 20 -> 1, 30 -> ignore)
+    g = next(g for g, (src, _) in enumerate(epoch) if src == 0)
+    clip = positioned.labelled(g)
+    assert clip["frames"].shape == (2, 3, 32, 32) and clip["video"].startswith("imgs/")
+    for t, name in enumerate(clip["frame_names"]):
+        expect = {"im0": 0, "im1": 1, "im2": 255}[name]
+        assert set(clip["labels"][t].unique().tolist()) == {expect}
+    # --extra-ratio 1: every slot is an image; training runs on them
+    out = tmp_path / "run"
+    assert train.main(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1, "--iters", 2)) == 0
+    args = train.get_args_parser().parse_args(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1))
+    positioned = train.build_dataset(setup["data"], args, cfg)
+    assert all(positioned.locate(g)[0] == 0 for g in range(20))
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_extra_flag_errors(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(args_for(setup, tmp_path / "a", "--stage", "tracker", "--extra", "x:y"))
+    assert "per-frame stage" in capsys.readouterr().err
+    assert train.main(args_for(setup, tmp_path / "b", "--extra", f"{tmp_path}/none:{tmp_path}/m.json")) == 2
+    assert "m.json" in capsys.readouterr().err
+
+
+def test_config_defaults_of_stages_and_embedded_data(setup):
+    def parse(argv):
+        return train.get_args_parser().parse_args([str(a) for a in argv])
+
+    cfg = train.build_config(parse(["--preset", "r50", "--stage", "refiner", "--data", "d"]), 124, None)
+    assert cfg.optim.frames == 21 and cfg.data.base_size == 480 and cfg.optim.iters == 20000
+    frames = lambda argv: train.build_config(parse(argv), 6, None).optim.frames  # noqa: E731
+    assert frames(["--preset", "r50", "--stage", "tracker", "--data", "d"]) == 5
+    assert frames(["--stage", "refiner", "--frames", 6]) == 6
+    assert frames(["--stage", "refiner"]) == train.CLIP_FRAMES["refiner"]["tiny"] == 9
+    assert frames(["--stage", "tracker"]) == 5 and frames(["--stage", "semi", "--pseudo", "p"]) == 2
+    # the embedded synthetic data (no --data): its own scale and a short schedule
+    cfg = train.build_config(parse([]), 6, None)
+    assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size) == (120, (128, 160), 120)
+    assert cfg.optim.iters == train.SYNTHETIC_ITERS and cfg.optim.frames == 2
+    cfg = train.build_config(parse(["--crop", 96, 96, "--test-size", 100, "--iters", 7]), 6, None)
+    assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size, cfg.optim.iters) == (240, (96, 96), 100, 7)
+    assert train.build_config(parse(["--base-size", 64, "--data", "d"]), 6, None).data.base_size == 64
+    # without --config/--preset the --init checkpoint's config is the base
+    micro = Config.from_dict(json.loads(setup["config"].read_text()))
+    micro.model.num_classes = 2
+    init = {"path": "x.pt", "config": micro.to_dict()}
+    cfg = train.build_config(parse(["--stage", "tracker", "--data", "d"]), 2, init)
+    assert cfg.model.hidden_dim == 32 and cfg.optim.frames == 5
+    with pytest.raises(ValueError, match="predicts 2 classes"):
+        train.build_config(parse(["--data", "d"]), 3, init)
+    args = parse(["--stage", "refiner", "--data", str(setup["data"]), "--frames", 3])
+    assert train.build_dataset(setup["data"], args, train.build_config(args, 2, None)).dataset.reverse_prob == 0.5
+
+
+@pytest.mark.parametrize("stage", ["tracker", "refiner"])
+def test_video_stages_give_every_trainable_parameter_a_gradient(setup, stage):
+    """DDP runs without an unused-parameter search: each step must reach every trainable
+    parameter, guided or not."""
+    from vss.data import collate_clips
+
+    cfg = Config.from_dict(json.loads(setup["config"].read_text()))
+    cfg.model.num_classes = 3
+    g = torch.Generator().manual_seed(0)
+    items = [{"frames": torch.randn(3, 3, 32, 32, generator=g), "video": "v", "frame_names": list("abc"),
+              "labels": torch.randint(0, 3, (3, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)}
+             for _ in range(2)]
+    for guided in (True, False):
+        torch.manual_seed(0)
+        model, criterion = train.build_video_stage(cfg, None, stage)
+        model.train()
+        terms = train.video_loss(model, collate_clips(items), criterion, guided=guided)
+        sum(terms.values()).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing and all(n.startswith(stage + ".") for n, p in model.named_parameters() if p.requires_grad)

@@ -29,7 +29,9 @@ VideoModel` whose checkpoint feeds the next stage through --init:
   --unlabeled-data) with the pseudo labels + entropies infer.py wrote to --pseudo; loss =
   set loss on ground truth + --unsup-weight x set loss on reliable pseudo labels +
   --contrastive-weight x U2PL contrastive loss (EMA teacher, memory bank gathered across ranks).
-  The teacher, representation head and memory bank are saved with every checkpoint.
+  The teacher, representation head and memory bank are saved with every checkpoint; the bank
+  holds up to --bank-size keys of 1 KiB per class (default 4096 for tiny, U2PL's 30000 for
+  r50/vitl, i.e. up to ~3.8 GB with VSPW's 124 classes: lower it there when RAM or disk is short).
 --init loads a checkpoint's modules into the new stage's model, strictly per module, and the
 frozen modules must all be present (a tracker needs a segmenter, a refiner a tracker checkpoint);
 it prints what was loaded, what is frozen and what stays at initialisation. The base config is
@@ -122,6 +124,12 @@ REVERSE_PROB = {"refiner": 0.5}  # DVIS++ REVERSE_AGU: stage 3 reverses clips in
 # Embedded synthetic data (120x160 frames): train at their own scale, short enough for a laptop.
 SYNTHETIC_SIZES = {"base_size": 120, "crop_size": (128, 160), "test_size": 120}
 SYNTHETIC_ITERS = 300
+# Memory-bank keys per class of the semi stage (256 float32 = 1 KiB each, held in host RAM on
+# every rank and saved in every checkpoint once filled). The paper presets keep U2PL's 30000:
+# ~3.8 GB with VSPW's 124 classes (see --bank-size). The CPU preset uses 4096: ~24 MB with the
+# synthetic data's 6 classes (30000 made 118 of a 342 MB checkpoint there), about two steps of
+# negatives at the ~2000 new keys per class and step of the default synthetic run.
+BANK_SIZE = {"paper": 30000, "tiny": 4096}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,8 +200,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="U2PL alpha_0: %% of lowest/highest-entropy pixels for anchors/negatives, "
                         "-> 0 (default 20)")
     g.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
-    g.add_argument("--bank-size", type=int, default=30000,
-                   help="memory-bank keys per class (default 30000, U2PL's; 256 floats each)")
+    g.add_argument("--bank-size", type=int,
+                   help=f"memory-bank keys per class, 1 KiB each, in RAM on every rank and in "
+                        f"every checkpoint (default {BANK_SIZE['paper']}, U2PL's, for the r50/vitl "
+                        f"presets: ~3.8 GB with VSPW's 124 classes; {BANK_SIZE['tiny']} for tiny)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/default"),
                    help="output folder (default runs/default)")
@@ -291,8 +301,13 @@ def build_semi_stage(cfg: Config, args: argparse.Namespace, model_stage: str
     loss = SemiLoss(set_criterion(cfg), student, cfg.model.num_classes,
                     unsup_weight=args.unsup_weight, contrastive_weight=args.contrastive_weight,
                     drop_base=args.drop_percent, alpha_base=args.entropy_alpha,
-                    ema_max_decay=args.ema_decay, queue_size=args.bank_size)
+                    ema_max_decay=args.ema_decay, queue_size=bank_size(args.bank_size, cfg.name))
     return student, loss
+
+
+def bank_size(flag: int | None, preset: str) -> int:
+    """--bank-size, else the default of the config's preset (`BANK_SIZE`)."""
+    return flag or BANK_SIZE["tiny" if preset == "tiny" else "paper"]
 
 
 def semi_stage_loss(model: nn.Module, criterion: nn.Module, batch: dict, step: int,
@@ -620,12 +635,15 @@ def check_resume(ckpt: dict, path: Path, args: argparse.Namespace, global_batch:
     if trained != args.stage:
         raise ValueError(f"{path} is a {trained!r} checkpoint, not {args.stage!r}; "
                          "start the next stage with --init")
-    old = ckpt.get("args", {})
+    old, new = dict(ckpt.get("args", {})), plain_args(args)
     keys = ["seed", "mvc", "mvc_patch", "mvc_ratio", "mvc_weight", "extra", "extra_ratio"]
     if args.stage == "semi":
         keys += ["pseudo", "unlabeled_split", "unlabeled_data", "unsup_weight", "contrastive_weight",
                  "drop_percent", "entropy_alpha", "ema_decay", "bank_size"]
-    new = plain_args(args)
+        # the effective sizes: a flag left at its default means the preset's size
+        preset = ckpt["config"]["name"]
+        old["bank_size"] = bank_size(old.get("bank_size"), preset)
+        new["bank_size"] = bank_size(args.bank_size, preset)
     differ = [k for k in keys if old.get(k, new[k]) != new[k]]  # keys unknown to old runs pass
     if ckpt["data"]["global_batch"] != global_batch:
         differ.append(f"global batch {ckpt['data']['global_batch']} -> {global_batch}")
@@ -772,8 +790,34 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
 
 
-def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
-    # 1. data, config (a resumed run keeps its checkpoint's), output folder
+class RunSetup(NamedTuple):
+    """What a run starts from (`prepare_run`)."""
+
+    root: Path  # the VSPW-layout data root
+    cfg: Config
+    ckpt: dict | None  # the checkpoint being resumed
+    init: dict | None  # the --init weights (`read_init`) of a new run
+    model_stage: str  # the VideoModel's stage (--stage, or the student's stage for semi)
+    info: RunInfo
+
+
+class Training(NamedTuple):
+    """The live objects of a run (`build_training`)."""
+
+    stage: Stage
+    model: nn.Module  # the unwrapped trainable module (VideoModel or SemiStudent)
+    ddp: nn.Module  # what the steps call: the model or its DDP wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    autocast_ctx: Callable
+    amp: str  # "fp16" | "bf16" | "off"
+
+
+def prepare_run(args: argparse.Namespace, dist: DistInfo) -> RunSetup:
+    """Data, the checkpoint to resume (or the --init weights), the config (a resumed run keeps
+    its checkpoint's), the student's stage for --stage semi, and the output folder."""
     root = resolve_data(args)
     class_names, palette = load_class_names(root)
     palette = palette if palette is not None else default_palette(len(class_names))
@@ -798,53 +842,91 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     if is_main():
         (args.out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     info = RunInfo(class_names, palette.tolist(), global_batch)
+    return RunSetup(root, cfg, ckpt, init, model_stage, info)
 
-    # 2. model, optimiser, schedule, mixed precision (restored when resuming)
+
+def build_training(args: argparse.Namespace, run: RunSetup, dist: DistInfo
+                   ) -> tuple[Training, int, float | None]:
+    """Model, loss, optimiser, schedule and mixed precision, restored when resuming.
+
+    Returns:
+        (training, start step, best val mIoU so far or None).
+    """
     stage, device = STAGES[args.stage], dist.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model, criterion = stage.build(cfg, args, model_stage)
-    if ckpt is None:
-        load_init_weights(video_core(model), args, init)
+    model, criterion = stage.build(run.cfg, args, run.model_stage)
+    if run.ckpt is None:
+        load_init_weights(video_core(model), args, run.init)
         if isinstance(criterion, SemiLoss):
             criterion.teacher.copy_from(model)  # U2PL: the teacher starts as the student
     model.to(device)
     criterion.to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim)
+    optimizer = build_optimizer(model, run.cfg.optim)
+    scheduler = build_scheduler(optimizer, run.cfg.optim)
     amp = args.amp or ("fp16" if device.type == "cuda" else "off")
     autocast_ctx, scaler = make_autocast(device, amp)
-    start, best_miou = restore_state(ckpt, model, criterion, optimizer, scheduler, scaler, dist)
+    start, best_miou = restore_state(run.ckpt, model, criterion, optimizer, scheduler, scaler, dist)
     ddp = model
     if dist.enabled:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = iter(build_loader(root, args, cfg, dist, start))
-    videos = list(iter_eval_videos(root, args.val_split)) if args.eval_every > 0 else []
+    training = Training(stage, model, ddp, criterion, optimizer, scheduler, scaler, autocast_ctx,
+                        amp)
+    return training, start, best_miou
+
+
+def micro_batch_loss(model: nn.Module, micro: tuple[int, dict], *, tr: Training, step: int,
+                     cfg: Config, mvc: dict | None, device: torch.device
+                     ) -> dict[str, torch.Tensor]:
+    """`train_step`'s loss_fn: the stage's loss terms of one (seed, batch) micro-batch."""
+    seed, batch = micro
+    torch.manual_seed(seed)  # point sampling, MVC masks, contrastive sampling of this micro-batch
+    return tr.stage.loss(model, tr.criterion, _to_device(batch, device), step, cfg, mvc)
+
+
+def save_training(name: str, step: int, tr: Training, run: RunSetup, args: argparse.Namespace,
+                  best_miou: float | None) -> None:
+    """OUT/name from rank 0 (collective: every rank broadcasts buffers and gathers RNG states)."""
+    broadcast_buffers(tr.model)
+    if isinstance(tr.criterion, SemiLoss):
+        broadcast_buffers(tr.criterion.teacher)
+    state = checkpoint_state(tr.model, tr.criterion, tr.optimizer, tr.scheduler, tr.scaler, run.cfg,
+                             args, step, best_miou, run.info)
+    if is_main():
+        save_checkpoint(args.out / name, state)
+
+
+def validate(step: int, tr: Training, run: RunSetup, videos: list, args: argparse.Namespace,
+             device: torch.device) -> float:
+    """Val metrics of the model on every rank, logged; returns the mIoU."""
+    broadcast_buffers(tr.model)  # every rank evaluates with rank 0's BatchNorm statistics
+    metrics = run_eval(video_core(tr.model), videos, run.cfg, run.info.class_names, tr.amp, device)
+    tr.model.train()  # predict_video restores the core's mode, not the stage's
+    log_json(args.out, {"step": step, "val": {k: v for k, v in metrics.items()
+                                              if isinstance(v, (int, float))}})
+    print0(f"step {step}: val mIoU {metrics['mIoU']:.4f} VC8 {metrics['VC8']:.4f} "
+           f"VC16 {metrics['VC16']:.4f}")
+    return metrics["mIoU"]
+
+
+def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
+    # 1. data, config, output folder; 2. model, optimiser, schedule, mixed precision
+    run = prepare_run(args, dist)
+    cfg, device = run.cfg, dist.device
+    tr, start, best_miou = build_training(args, run, dist)
+    batches = iter(build_loader(run.root, args, cfg, dist, start))
+    videos = list(iter_eval_videos(run.root, args.val_split)) if args.eval_every > 0 else []
     mvc = mvc_settings(args, cfg)
-    semi = isinstance(criterion, SemiLoss)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    print0(f"stage {args.stage} ({model_stage} model), {cfg.name}: {trainable:.2f}M trainable params; "
-           f"{dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
+    semi = isinstance(tr.criterion, SemiLoss)
+    trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad) / 1e6
+    print0(f"stage {args.stage} ({run.model_stage} model), {cfg.name}: {trainable:.2f}M trainable "
+           f"params; {dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
            f"{' (+ as many pseudo-labelled)' if semi else ''} x {cfg.optim.frames} frames; "
            f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at "
-           f"{cfg.data.test_size}; amp {amp}; mvc {mvc}; {device}")
-
-    def loss_fn(model: nn.Module, micro: tuple[int, dict]) -> dict[str, torch.Tensor]:
-        seed, batch = micro
-        torch.manual_seed(seed)  # point sampling, MVC masks, contrastive sampling of this micro-batch
-        return stage.loss(model, criterion, _to_device(batch, device), step, cfg, mvc)
-
-    def save(name: str, step: int) -> None:
-        broadcast_buffers(model)
-        if semi:
-            broadcast_buffers(criterion.teacher)
-        state = checkpoint_state(model, criterion, optimizer, scheduler, scaler, cfg, args, step,
-                                 best_miou, info)
-        if is_main():  # every rank took part in gathering the RNG states
-            save_checkpoint(args.out / name, state)
+           f"{cfg.data.test_size}; amp {tr.amp}; mvc {mvc}; {device}")
 
     # 3. the loop: step, log, evaluate, stop on a signal or the time budget, save
-    model.train()
+    tr.model.train()
     end = min(cfg.optim.iters, args.stop_at or cfg.optim.iters)
     budget = args.time_budget * 60 if args.time_budget else None
     bar = tqdm(total=cfg.optim.iters, initial=start, disable=not is_main(), desc=args.stage)
@@ -852,14 +934,15 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     for step in range(start + 1, end + 1):
         micro = [(step_seed(args.seed, step, dist.rank * args.accum + a), next(batches))
                  for a in range(args.accum)]
-        out = train_step(ddp, micro, loss_fn, optimizer, scaler, scheduler, cfg.optim.clip_grad,
-                         autocast_ctx)
+        loss_fn = partial(micro_batch_loss, tr=tr, step=step, cfg=cfg, mvc=mvc, device=device)
+        out = train_step(tr.ddp, micro, loss_fn, tr.optimizer, tr.scaler, tr.scheduler,
+                         cfg.optim.clip_grad, tr.autocast_ctx)
         if semi:  # U2PL: EMA after the optimiser step, k = 0-based semi iteration
-            criterion.teacher.update(model, step - 1, args.ema_decay)
+            tr.criterion.teacher.update(tr.model, step - 1, args.ema_decay)
         bar.update(1)
         if step % args.log_every == 0 or step == end:
-            rate = global_batch * (step - last_log) / (time.time() - tick)
-            extra = {"bank_keys": bank_fill(criterion)} if semi else None
+            rate = run.info.global_batch * (step - last_log) / (time.time() - tick)
+            extra = {"bank_keys": bank_fill(tr.criterion)} if semi else None
             loss = log_train_step(args.out, step, out, rate, dist.world_size, device, extra)
             bar.set_postfix(loss=f"{loss:.3f}")
             tick, last_log = time.time(), step
@@ -867,24 +950,17 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
         evaluate = args.eval_every > 0 and (step % args.eval_every == 0 or step == cfg.optim.iters
                                             or over_budget)
         if evaluate:
-            core = video_core(model)
-            broadcast_buffers(model)  # every rank evaluates with rank 0's BatchNorm statistics
-            metrics = run_eval(core, videos, cfg, class_names, amp, device)
-            model.train()  # predict_video restores the core's mode, not the stage's
-            log_json(args.out, {"step": step, "val": {k: v for k, v in metrics.items()
-                                                      if isinstance(v, (int, float))}})
-            print0(f"step {step}: val mIoU {metrics['mIoU']:.4f} VC8 {metrics['VC8']:.4f} "
-                   f"VC16 {metrics['VC16']:.4f}")
-            if best_miou is None or metrics["mIoU"] > best_miou:
-                best_miou = metrics["mIoU"]
-                save("best.pt", step)
+            miou = validate(step, tr, run, videos, args, device)
+            if best_miou is None or miou > best_miou:
+                best_miou = miou
+                save_training("best.pt", step, tr, run, args, best_miou)
         if stop.agreed():
-            save("last.pt", step)
+            save_training("last.pt", step, tr, run, args, best_miou)
             print0(f"stopped by a signal at step {step}; saved {args.out / 'last.pt'}; "
                    "continue with --resume auto")
             return 128 + (stop.signum or signal.SIGTERM)
         if over_budget:
-            save("last.pt", step)
+            save_training("last.pt", step, tr, run, args, best_miou)
             log_json(args.out, {"step": step, "stopped": "time budget",
                                 "cpu_min": time.process_time() / 60})
             print0(f"time budget of {args.time_budget} CPU-minutes reached at step {step} "
@@ -893,7 +969,7 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
             bar.close()
             return 0
         if evaluate or step == end or (args.save_every > 0 and step % args.save_every == 0):
-            save("last.pt", step)
+            save_training("last.pt", step, tr, run, args, best_miou)
     bar.close()
     print0(f"done at step {step}; checkpoint {args.out / 'last.pt'}")
     return 0

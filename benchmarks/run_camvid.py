@@ -26,10 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+# LR-schedule length (steps) per stage, without / with MVC: MVC steps cost twice as much, so
+# within the same CPU budget an MVC run makes about half the steps. --time-budget caps each run.
+ITERS = {"segmenter": (1200, 600), "tracker": (200, 100), "refiner": (100, 50)}
+
+
 def train_cmd(args, stage: str, out: Path, budget: float, mvc: bool, init: Path | None) -> list[str]:
     cmd = [sys.executable, str(REPO / "train.py"), "--preset", args.preset, "--data", str(args.data),
-           "--stage", stage, "--out", str(out), "--time-budget", str(budget), "--iters", str(args.iters),
-           "--eval-every", "0", "--workers", "0", "--resume", "auto"]
+           "--stage", stage, "--out", str(out), "--time-budget", str(budget),
+           "--iters", str(ITERS[stage][mvc]), "--eval-every", "0", "--workers", "0", "--resume", "auto"]
     if stage != "segmenter":
         cmd += ["--frames", str(args.frames_tracker if stage == "tracker" else args.frames_refiner)]
     if mvc:
@@ -83,7 +88,6 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "camvid_vspw")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "camvid")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--iters", type=int, default=2000, help="LR-schedule length of every stage")
     p.add_argument("--budget-seg", type=float, default=28, help="CPU-minutes of stage 1")
     p.add_argument("--budget-tracker", type=float, default=6, help="CPU-minutes of stage 2")
     p.add_argument("--budget-refiner", type=float, default=6, help="CPU-minutes of stage 3")
@@ -110,14 +114,16 @@ def main() -> None:
             table[name] = predict_and_score(args, name, ["--checkpoint", str(runs[m][stage] / "last.pt")])
     final = str(runs[True]["refiner"] / "last.pt")
     if not args.skip_tta:
-        views = {"s1.0_flip": ["--tta-scales", "1.0"], "s1.0-1.2": ["--tta-scales", "1.0,1.1,1.2", "--no-tta-flip"],
-                 "s1.0-1.2_flip": ["--tta-scales", "1.0,1.1,1.2"], "s0.9-1.2": ["--tta-scales", "0.9,1.0,1.1,1.2",
-                                                                                "--no-tta-flip"],
-                 "s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2"]}
-        for merge in ("vote", "mean"):
-            for key, extra in views.items():
-                table[f"tta_{merge}_{key}"] = predict_and_score(
-                    args, f"tta_{merge}_{key}", ["--checkpoint", final, "--tta", "--tta-merge", merge, *extra])
+        # the MVC paper's Table 3 rows (vote), and the U2PL-style mean on the full view set
+        views = {"vote_s1.0_flip": ["--tta-scales", "1.0"],
+                 "vote_s1.0-1.2": ["--tta-scales", "1.0,1.1,1.2", "--no-tta-flip"],
+                 "vote_s1.0-1.2_flip": ["--tta-scales", "1.0,1.1,1.2"],
+                 "vote_s0.9-1.2": ["--tta-scales", "0.9,1.0,1.1,1.2", "--no-tta-flip"],
+                 "vote_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2"],
+                 "mean_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2", "--tta-merge", "mean"]}
+        for key, extra in views.items():
+            merge = [] if "--tta-merge" in extra else ["--tta-merge", "vote"]
+            table[f"tta_{key}"] = predict_and_score(args, f"tta_{key}", ["--checkpoint", final, "--tta", *merge, *extra])
     table["aggregate"] = predict_and_score(
         args, "aggregate", ["--aggregate", str(runs[True]["refiner"] / "last.pt"), str(runs[False]["refiner"] / "last.pt")])
     (args.out / "results.json").write_text(json.dumps(table, indent=1))

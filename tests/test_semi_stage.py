@@ -221,7 +221,9 @@ def semi_runs(setup):
     assert train.main(semi_args(setup, base / "s_straight", init, "--stop-at", 2, "--eval-every", 2)) == 0
     assert train.main(semi_args(setup, base / "s_split", init, "--stop-at", 1)) == 0
     first = load_checkpoint(base / "s_split" / "last.pt")
-    assert train.main(semi_args(setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto")) == 0
+    # an explicit --bank-size equal to the tiny preset's default is the same setting
+    assert train.main(semi_args(setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto",
+                                "--bank-size", train.BANK_SIZE["tiny"])) == 0
     return {"first": first, "straight": load_checkpoint(base / "s_straight" / "last.pt"),
             "resumed": load_checkpoint(base / "s_split" / "last.pt"), "out": base / "s_straight"}
 
@@ -231,6 +233,10 @@ def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, s
     assert ck["stage"] == "segmenter" and ck["semi"] is True and ck["step"] == 2
     assert {"teacher", "rep_head", "memory_bank"} <= set(ck["semi_state"])
     assert sum(q.shape[0] for q in ck["semi_state"]["memory_bank"]["queues"]) > 0
+    # the tiny preset's bank size (not U2PL's 30000), and only the filled rows are saved
+    bank = ck["semi_state"]["memory_bank"]
+    assert bank["sizes"].tolist() == [train.BANK_SIZE["tiny"]] * K
+    assert all(q.shape[0] <= train.BANK_SIZE["tiny"] for q in bank["queues"])
     member = infer.load_member(semi_runs["out"] / "last.pt", torch.device("cpu"), None)
     assert member.stage == "segmenter"
     lines = [json.loads(x) for x in (semi_runs["out"] / "log.jsonl").read_text().splitlines()]
@@ -258,6 +264,14 @@ def test_teacher_starts_as_the_student_then_follows_the_ema(semi_runs):
     h2 = second["semi_state"]["rep_head"]
     assert all(torch.allclose(r2[k], 0.5 * r1[k] + 0.5 * h2[k], atol=1e-7) for k in h2 if "running" not in k
                and "num_batches" not in k)
+
+
+def test_semi_resume_rejects_another_bank_size(semi_runs, setup, capsys):
+    out = setup["base"] / "s_split"
+    argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--resume", "auto",
+                     "--bank-size", train.BANK_SIZE["tiny"] + 1)
+    assert train.main(argv) == 2
+    assert "different settings (bank_size)" in capsys.readouterr().err
 
 
 def test_semi_resume_is_exact(semi_runs):

@@ -22,7 +22,7 @@ details from ``reference/dvis_plus.md`` section 2 ("Loss"):
 
 Video-level (refiner) losses use the same criterion on clips seen as one tall image: masks
 through ``vss.matcher.flatten_clip_masks`` and, for both matcher and criterion,
-``num_points = T * loss_cfg.num_points`` (``dataclasses.replace(loss_cfg, num_points=...)``).
+``num_points = T * loss_cfg.num_points`` (``vss.video_model.video_level_criterion``).
 
 All loss arithmetic runs in float32 with autocast disabled, so it is the same under fp16/bf16
 training.

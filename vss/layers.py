@@ -176,8 +176,9 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
-def _xavier_matrices(module: nn.Module) -> None:
-    # Mask2Former's layers re-initialise every matrix with xavier_uniform (biases untouched).
+def xavier_fill_matrices(module: nn.Module) -> None:
+    """xavier_uniform on every parameter with >= 2 dims (biases and norms untouched): the
+    `_reset_parameters` of Mask2Former's / DVIS++'s layers and Deformable DETR's encoder."""
     for p in module.parameters():
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
@@ -190,7 +191,7 @@ class SelfAttentionLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
-        _xavier_matrices(self)
+        xavier_fill_matrices(self)
 
     def forward(
         self, x: Tensor, query_pos: Tensor | None = None, blocked: Tensor | None = None
@@ -208,7 +209,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         self.multihead_attn = MultiHeadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
-        _xavier_matrices(self)
+        xavier_fill_matrices(self)
 
     def forward(
         self,
@@ -238,7 +239,7 @@ class FFNLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
-        _xavier_matrices(self)
+        xavier_fill_matrices(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., D) -> (..., D)."""

@@ -26,7 +26,6 @@ Readings taken where the description leaves room:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment

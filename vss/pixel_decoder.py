@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vss.deform_attn import MSDeformAttn, encoder_reference_points
-from vss.layers import Conv2dNorm, c2_xavier_fill, sine_position_embedding
+from vss.layers import Conv2dNorm, c2_xavier_fill, sine_position_embedding, xavier_fill_matrices
 
 ENCODER_FEATURES = ("res5", "res4", "res3")  # deepest first, the order of the encoder levels
 FPN_FEATURE = "res2"
@@ -85,9 +85,7 @@ class DeformableEncoder(nn.Module):
             for _ in range(num_layers)
         )
         # Deformable DETR: xavier on every matrix, then MSDeformAttn's own init, normal level embed
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_fill_matrices(self)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()

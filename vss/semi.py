@@ -265,7 +265,8 @@ class MemoryBank:
     Memory: full banks take ``4 * D * sum(sizes)`` bytes of host RAM on *every* rank; with the
     official sizes and VSPW's 124 classes that is ~3.8 GB per rank at D = 256 (U2PL's datasets
     had 19-21 classes), so smaller ``queue_size`` values are the practical choice on VSPW.
-    ``state_dict`` lets a resumed run keep the banks (the official code starts them empty).
+    ``state_dict`` lets a resumed run keep the banks (the official code starts them empty); it
+    holds only the filled rows, so a checkpoint grows with the bank up to the same size.
 
     Args:
         num_classes: K.

@@ -315,9 +315,11 @@ class SemiLoss(nn.Module):
         drop_base: U2PL ``drop_percent`` (80): kept percentile at t = 0.
         alpha_base: U2PL ``low_entropy_threshold`` (20): alpha_0 of ``unreliable_alpha``.
         ema_max_decay: U2PL ``ema_decay`` (0.99).
-        queue_size: memory-bank rows per class (U2PL 30000; see ``MemoryBank`` for the RAM this
-            takes with 124 classes). Every class, class 0 included, gets this size: U2PL's 50000
-            for class 0 is for Pascal / Cityscapes' dominant background class.
+        queue_size: memory-bank rows per class (U2PL 30000; ``train.py --bank-size`` defaults
+            to 4096 for the tiny preset). The bank takes up to ``K * queue_size`` KiB of RAM and
+            of every checkpoint, ~3.8 GB for 124 classes at 30000 (``MemoryBank``). Every class,
+            class 0 included, gets this size: U2PL's 50000 for class 0 is for Pascal /
+            Cityscapes' dominant background class.
         contrastive: ``ContrastiveConfig`` (U2PL's defaults).
     """
 

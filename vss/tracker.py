@@ -50,7 +50,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from vss.layers import MLP, FFNLayer, MultiHeadAttention, SelfAttentionLayer, c2_xavier_fill
+from vss.layers import (MLP, FFNLayer, MultiHeadAttention, SelfAttentionLayer, c2_xavier_fill,
+                        xavier_fill_matrices)
 
 if TYPE_CHECKING:
     from vss.config import Config
@@ -134,9 +135,7 @@ class ReferringCrossAttentionLayer(nn.Module):
         super().__init__()
         self.multihead_attn = MultiHeadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_fill_matrices(self)
 
     def forward(self, identity: Tensor, reference: Tensor, memory: Tensor) -> Tensor:
         """identity, reference (N,Q,C); memory (N,L,C) -> (N,Q,C)."""
@@ -195,6 +194,45 @@ class ReferringTracker(nn.Module):
         x = self.transformer_self_attention_layers[j](x)
         return self.transformer_ffn_layers[j](x)
 
+    def _first_frame(self, key_t: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Frame 0 of a video (docstring step 4): the slots are the segmenter's queries; layer 0
+        refers to ref_proj(K_0), layer j > 0 to ref_proj(its own input).
+
+        Returns:
+            every layer's output, L x (B,Q,C), and the reference ref_proj(K_0) (B,Q,C).
+        """
+        reference = self.ref_proj(key_t)  # (B,Q,C)
+        x, outs = key_t, []
+        for j in range(self.num_layers):
+            x = self._layer(j, x, reference if j == 0 else self.ref_proj(x), key_t)
+            outs.append(x)
+        return outs, reference
+
+    def _next_frame(
+        self, norm_t: Tensor, key_t: Tensor, state: TrackerState, generator: torch.Generator | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Frame t > 0 (docstring steps 1-3): align to the previous frame, maybe noise (training),
+        then every layer refers to ref_proj(previous frame's final output).
+
+        Returns:
+            every layer's output, L x (B,Q,C); the reference (B,Q,C); the slot indices (B,Q).
+        """
+        reference = self.ref_proj(state.last_output)  # (B,Q,C), shared by all layers
+        index = hungarian_align(state.last_embeds, norm_t)  # (B,Q)
+        x = gather_slots(key_t, index)  # (B,Q,C) K_t[pi_t]
+        if self.training and self.noise_ratio > 0:
+            noisy = torch.rand(key_t.shape[0], generator=generator) < self.noise_ratio  # (B,) per clip
+            if noisy.any():
+                noised, noise_index = wa_noise(key_t, generator)
+                noisy = noisy.to(x.device)
+                x = torch.where(noisy[:, None, None], noised, x)
+                index = torch.where(noisy[:, None], noise_index, index)
+        outs = []
+        for j in range(self.num_layers):
+            x = self._layer(j, x, reference, key_t)
+            outs.append(x)
+        return outs, reference, index
+
     def forward(
         self,
         frame_embeds: Tensor,
@@ -234,29 +272,11 @@ class ReferringTracker(nn.Module):
         for t in range(num_frames):
             norm_t = frame_embeds[:, t]  # (B,Q,C) E_t
             key_t = frame_embeds_no_norm[:, t]  # (B,Q,C) K_t
-            outs = []
             if state is None:
-                # first frame of a video: slots = segmenter queries, self-referring layers
+                outs, reference = self._first_frame(key_t)
                 index = identity_perm
-                reference = self.ref_proj(key_t)  # (B,Q,C)
-                x = key_t
-                for j in range(self.num_layers):
-                    x = self._layer(j, x, reference if j == 0 else self.ref_proj(x), key_t)
-                    outs.append(x)
             else:
-                reference = self.ref_proj(state.last_output)  # (B,Q,C), shared by all layers
-                index = hungarian_align(state.last_embeds, norm_t)  # (B,Q)
-                x = gather_slots(key_t, index)  # (B,Q,C) K_t[pi_t]
-                if self.training and self.noise_ratio > 0:
-                    noisy = torch.rand(b, generator=generator) < self.noise_ratio  # (B,) per clip
-                    if noisy.any():
-                        noised, noise_index = wa_noise(key_t, generator)
-                        noisy = noisy.to(x.device)
-                        x = torch.where(noisy[:, None, None], noised, x)
-                        index = torch.where(noisy[:, None], noise_index, index)
-                for j in range(self.num_layers):
-                    x = self._layer(j, x, reference, key_t)
-                    outs.append(x)
+                outs, reference, index = self._next_frame(norm_t, key_t, state, generator)
             state = TrackerState(last_output=outs[-1], last_embeds=gather_slots(norm_t, index))
             layer_outputs.append(torch.stack(outs if all_layers else outs[-1:]))  # (L,B,Q,C)
             references.append(reference)
@@ -264,17 +284,20 @@ class ReferringTracker(nn.Module):
 
         hidden = torch.stack(layer_outputs, dim=2)  # (L,B,T,Q,C)
         refs = torch.stack(references, dim=1)  # (B,T,Q,C)
+        out = self._predictions(hidden, refs, mask_features, all_layers)
+        out["indices"] = torch.stack(indices, dim=1)  # (B,T,Q)
+        return out, state
+
+    def _predictions(self, hidden: Tensor, refs: Tensor, mask_features: Tensor | None,
+                     all_layers: bool) -> dict:
+        """The heads on every kept layer (hidden (L,B,T,Q,C), refs (B,T,Q,C)): the output dict
+        of ``forward`` without ``indices``."""
         logits = self.predict_logits(hidden, refs[None])  # (L,B,T,Q,K+1)
         masks = None
         if mask_features is not None:
             projected = self.project_mask_features(mask_features)
             masks = [self.predict_masks(h, projected, projected=True) for h in hidden]  # L x (B,T,Q,h,w)
-        out = {
-            "pred_logits": logits[-1],
-            "pred_embds": hidden[-1],
-            "pred_references": refs,
-            "indices": torch.stack(indices, dim=1),  # (B,T,Q)
-        }
+        out = {"pred_logits": logits[-1], "pred_embds": hidden[-1], "pred_references": refs}
         if masks is not None:
             out["pred_masks"] = masks[-1]
         if all_layers:
@@ -282,7 +305,7 @@ class ReferringTracker(nn.Module):
                 {"pred_logits": logits[i], **({"pred_masks": masks[i]} if masks is not None else {})}
                 for i in range(len(hidden) - 1)
             ]
-        return out, state
+        return out
 
     def predict_logits(self, outputs: Tensor, references: Tensor) -> Tensor:
         """Class head on [reference | decoder_norm(out)].
@@ -306,8 +329,9 @@ class ReferringTracker(nn.Module):
 
         Args:
             outputs: (B,T,Q,C) un-normed tracker outputs (e.g. ``pred_embds``).
-            mask_features: (B,T,mask_dim,h,w) the segmenter's mask features (or already
-                projected ones with ``projected=True``).
+            mask_features: (B,T,mask_dim,h,w) the segmenter's mask features, or the output of
+                ``project_mask_features`` with ``projected=True`` (projected once for all layers).
+            projected: whether ``mask_features`` already went through ``mask_feature_proj``.
         Returns:
             (B,T,Q,h,w) mask logits.
         """

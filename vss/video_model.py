@@ -49,8 +49,10 @@ Readings taken:
 - Batches of B clips are vectorised (DVIS++ supports 1 clip per forward); the per-clip parts
   (matching, reid items, the class memory) loop over clips, and the reid losses average over all
   items of the batch.
-- The per-class memory lives on the ``VideoModel`` (per process, not saved in checkpoints, as in
-  DVIS++); its random trimming uses torch's RNG.
+- The per-class memory lives on the ``VideoModel``, one per process (DVIS++ keeps one per GPU).
+  It is not part of the state dict, so ``--init`` and inference never see it; ``train.py`` saves
+  every rank's memory in its stage-3 training checkpoints so that a resumed run continues
+  exactly (DVIS++ starts it empty after a restart). Its random trimming uses torch's RNG.
 - Stage-3 training runs the segmenter on the whole clip at once (DVIS++ splits it in chunks of 21
   frames only to save memory; its clips have 21 frames anyway).
 """
@@ -60,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -566,6 +568,104 @@ def _frame_scores(class_probs: Tensor, mask_logits: Tensor, padded: tuple[int, i
     return torch.einsum("qk,qhw->khw", class_probs.float(), m[0])  # (K,H0,W0)
 
 
+class _PaddedVideo:
+    """One video's frames as the networks see them: windows of frames on the model's device,
+    zero-padded (= the mean after normalisation) to a multiple of the size divisibility.
+
+    Args:
+        frames: (T,3,H,W) normalised, un-padded.
+        window: frames per window.
+        size_divisibility: pad H and W up to a multiple of it.
+        device: the model's device.
+        autocast_dtype: run the networks under autocast with this dtype (None: off).
+    """
+
+    def __init__(self, frames: Tensor, window: int, size_divisibility: int, device: torch.device,
+                 autocast_dtype: torch.dtype | None):
+        self.frames, self.device, self.autocast_dtype = frames, device, autocast_dtype
+        num_frames, _, height, width = frames.shape
+        div = max(1, size_divisibility)
+        self.valid = (height, width)
+        self.padded = (math.ceil(height / div) * div, math.ceil(width / div) * div)
+        self.windows = [(s, min(s + window, num_frames)) for s in range(0, num_frames, window)]
+
+    def load(self, start: int, end: int) -> Tensor:
+        """Frames [start, end) as (w,3,Hp,Wp) float32 on the model's device."""
+        x = self.frames[start:end].to(device=self.device, dtype=torch.float32)
+        return F.pad(x, (0, self.padded[1] - self.valid[1], 0, self.padded[0] - self.valid[0]))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _per_frame_queries(core: VideoModel, video: _PaddedVideo
+                       ) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Stage 1: every frame on its own. Yields (t, class probabilities (Q,K), mask logits
+    (Q,h,w))."""
+    for s, e in video.windows:
+        with video.autocast():
+            out = core.segmenter(video.load(s, e))
+        class_probs = out["pred_logits"].float().softmax(-1)[..., :-1]  # (w,Q,K)
+        for i in range(e - s):
+            yield s + i, class_probs[i], out["pred_masks"][i]
+
+
+def _video_level_classes(core: VideoModel, video: _PaddedVideo) -> tuple[Tensor, Callable]:
+    """Pass 1 of stages 2/3: the online tracker over the windows (state carried), then for stage 3
+    the refiner once over the whole video. Only per-frame query embeddings are kept.
+
+    Returns:
+        class_probs (Q,K) of the whole video (stage 2: softmax of the mean online logits;
+        stage 3: element-wise max of that and the refiner's softmax), and the mask head
+        (start, end, mask_features (w,mask_dim,h,w)) -> (w,Q,h,w) of the stage.
+    """
+    state = None
+    online, tracked, raw = [], [], []
+    for s, e in video.windows:
+        with video.autocast():
+            out = core.segmenter(video.load(s, e))
+            track, state = core.tracker(out["pred_embds"][None],
+                                        out["pred_embds_without_norm"][None], None, state,
+                                        all_layers=False)
+        online.append(track["pred_logits"][0].float())  # (w,Q,K+1)
+        tracked.append(track["pred_embds"][0])  # (w,Q,C)
+        if core.stage == "refiner":
+            raw.append(out["pred_embds_without_norm"])  # (w,Q,C)
+        del out, track
+    online_probs = torch.cat(online).mean(0).softmax(-1)[:, :-1]  # (Q,K)
+    tracked = torch.cat(tracked)[None]  # (1,T,Q,C)
+
+    if core.stage == "tracker":
+        def tracker_masks(s: int, e: int, feats: Tensor) -> Tensor:
+            return core.tracker.predict_masks(tracked[:, s:e], feats[None])[0]
+
+        return online_probs, tracker_masks
+
+    with video.autocast():
+        refined = core.refiner.refine(tracked, torch.cat(raw)[None], all_layers=False)[-1]
+        normed = core.refiner.decoder_norm(refined)  # (1,T,Q,C)
+        offline = core.refiner.predict_class(normed)[0].float()  # (Q,K+1)
+
+    def refiner_masks(s: int, e: int, feats: Tensor) -> Tensor:
+        return core.refiner.predict_masks(normed[:, s:e], feats[None])[0]
+
+    return torch.maximum(offline.softmax(-1)[:, :-1], online_probs), refiner_masks
+
+
+def _video_queries(core: VideoModel, video: _PaddedVideo) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Stages 2/3: pass 1 for the video-level classes, then pass 2 recomputes the mask features
+    window by window for the masks. Yields (t, class probabilities (Q,K), mask logits (Q,h,w))."""
+    class_probs, mask_head = _video_level_classes(core, video)
+    for s, e in video.windows:
+        with video.autocast():
+            # (w,Q,h,w); the window's mask features are freed right after
+            masks = mask_head(s, e, _segmenter_mask_features(core.segmenter, video.load(s, e)))
+        for i in range(e - s):
+            yield s + i, class_probs, masks[i]
+
+
 @torch.no_grad()
 def predict_video(
     model: nn.Module,
@@ -592,87 +692,28 @@ def predict_video(
     core = _unwrap(model)
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"predict_video expects frames (T,3,H,W), got {tuple(frames.shape)}")
-    num_frames, _, height, width = frames.shape
+    num_frames = frames.shape[0]
     if num_frames == 0:
         raise ValueError("predict_video got a video without frames")
     out_size = (int(out_size[0]), int(out_size[1]))
-    window = window_size or core.window_size
-    div = max(1, core.size_divisibility)
-    padded = (math.ceil(height / div) * div, math.ceil(width / div) * div)
-    device = next(core.parameters()).device
-    windows = [(s, min(s + window, num_frames)) for s in range(0, num_frames, window)]
-
-    def load(s: int, e: int) -> Tensor:  # (w,3,Hp,Wp) on the model's device, zero padded
-        x = frames[s:e].to(device=device, dtype=torch.float32)
-        return F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
-
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
+    video = _PaddedVideo(frames, window_size or core.window_size, core.size_divisibility,
+                         next(core.parameters()).device, autocast_dtype)
     labels = torch.empty((num_frames, *out_size), dtype=torch.int64)
     probs = None
-
-    def emit(t: int, class_probs: Tensor, mask_logits: Tensor, sigmoid_first: bool) -> None:
-        nonlocal probs
-        scores = _frame_scores(class_probs, mask_logits, padded, (height, width), out_size, sigmoid_first)  # (K,H0,W0)
-        labels[t] = scores.argmax(0).cpu()
-        if return_probs:
-            if probs is None:
-                probs = torch.empty((num_frames, scores.shape[0], *out_size), dtype=torch.float32)
-            probs[t] = (scores / scores.sum(0, keepdim=True).clamp_min(1e-12)).cpu()
-
     was_training = core.training
     core.eval()
     try:
-        if core.stage == "segmenter":
-            for s, e in windows:
-                with autocast():
-                    out = core.segmenter(load(s, e))
-                class_probs = out["pred_logits"].float().softmax(-1)[..., :-1]  # (w,Q,K)
-                for i in range(e - s):
-                    emit(s + i, class_probs[i], out["pred_masks"][i], sigmoid_first=False)
-            return {"labels": labels, "probs": probs}
-
-        # pass 1, online: per-frame query embeddings and logits only
-        state = None
-        online, tracked, raw = [], [], []
-        for s, e in windows:
-            with autocast():
-                out = core.segmenter(load(s, e))
-                track, state = core.tracker(out["pred_embds"][None], out["pred_embds_without_norm"][None],
-                                            None, state, all_layers=False)
-            online.append(track["pred_logits"][0].float())  # (w,Q,K+1)
-            tracked.append(track["pred_embds"][0])  # (w,Q,C)
-            if core.stage == "refiner":
-                raw.append(out["pred_embds_without_norm"])  # (w,Q,C)
-            del out, track
-        online_probs = torch.cat(online).mean(0).softmax(-1)[:, :-1]  # (Q,K)
-        tracked = torch.cat(tracked)[None]  # (1,T,Q,C)
-
-        if core.stage == "tracker":
-            class_probs = online_probs
-
-            def mask_head(s: int, e: int, feats: Tensor) -> Tensor:
-                return core.tracker.predict_masks(tracked[:, s:e], feats[None])[0]
-        else:
-            # the refiner once over the whole video
-            with autocast():
-                refined = core.refiner.refine(tracked, torch.cat(raw)[None], all_layers=False)[-1]
-                normed = core.refiner.decoder_norm(refined)  # (1,T,Q,C)
-                offline = core.refiner.predict_class(normed)[0].float()  # (Q,K+1)
-            class_probs = torch.maximum(offline.softmax(-1)[:, :-1], online_probs)
-
-            def mask_head(s: int, e: int, feats: Tensor) -> Tensor:
-                return core.refiner.predict_masks(normed[:, s:e], feats[None])[0]
-
-        # pass 2: mask features again, window by window, for the masks
-        for s, e in windows:
-            with autocast():
-                masks = mask_head(s, e, _segmenter_mask_features(core.segmenter, load(s, e)))  # (w,Q,h,w)
-            for i in range(e - s):
-                emit(s + i, class_probs, masks[i], sigmoid_first=True)
-        return {"labels": labels, "probs": probs}
+        per_frame = core.stage == "segmenter"
+        queries = _per_frame_queries(core, video) if per_frame else _video_queries(core, video)
+        for t, class_probs, mask_logits in queries:
+            scores = _frame_scores(class_probs, mask_logits, video.padded, video.valid, out_size,
+                                   sigmoid_first=not per_frame)  # (K,H0,W0)
+            labels[t] = scores.argmax(0).cpu()
+            if return_probs:
+                if probs is None:
+                    size = (num_frames, scores.shape[0], *out_size)
+                    probs = torch.empty(size, dtype=torch.float32)  # (T,K,H0,W0)
+                probs[t] = (scores / scores.sum(0, keepdim=True).clamp_min(1e-12)).cpu()
     finally:
         core.train(was_training)
+    return {"labels": labels, "probs": probs}

@@ -1,6 +1,6 @@
 """CamVid results table: the DVIS++ chain with and without MVC, TTA and aggregation, on CPU budgets.
 
-    python benchmarks/run_camvid.py --data ../shared/data/camvid_vspw --out runs/camvid [--budget-seg 28]
+    python benchmarks/run_camvid.py --data ../shared/data/camvid_vspw --out runs/camvid [--budget-seg 30]
 
 Steps (each skipped when its output exists, so the script resumes after an interruption):
   1. stage 1 (segmenter) without and with --mvc, in parallel, one thread each, --time-budget
@@ -28,7 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # LR-schedule length (steps) per stage, without / with MVC: MVC steps cost twice as much, so
 # within the same CPU budget an MVC run makes about half the steps. --time-budget caps each run.
-ITERS = {"segmenter": (1200, 600), "tracker": (200, 100), "refiner": (100, 50)}
+ITERS = {"segmenter": (1200, 600), "tracker": (100, 50), "refiner": (60, 30)}
 
 
 def train_cmd(args, stage: str, out: Path, budget: float, mvc: bool, init: Path | None) -> list[str]:
@@ -88,9 +88,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "camvid_vspw")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "camvid")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--budget-seg", type=float, default=28, help="CPU-minutes of stage 1")
-    p.add_argument("--budget-tracker", type=float, default=6, help="CPU-minutes of stage 2")
-    p.add_argument("--budget-refiner", type=float, default=6, help="CPU-minutes of stage 3")
+    p.add_argument("--budget-seg", type=float, default=30, help="CPU-minutes of stage 1")
+    p.add_argument("--budget-tracker", type=float, default=5, help="CPU-minutes of stage 2")
+    p.add_argument("--budget-refiner", type=float, default=5, help="CPU-minutes of stage 3")
     p.add_argument("--frames-tracker", type=int, default=3)
     p.add_argument("--frames-refiner", type=int, default=5)
     p.add_argument("--skip-tta", action="store_true")

@@ -14,28 +14,26 @@ empty split, video without frames) prints one line naming the file and exits wit
 from __future__ import annotations
 
 import argparse
-import io
+import ctypes
 import json
 import math
 import multiprocessing
 import os
 import sys
-import tempfile
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from vss.data import list_frames, load_class_names, read_label_png, read_split, shift_labels
+from vss.data import atomic_path, decode_png, list_frames, load_class_names, read_label_png, read_split, shift_labels
 from vss.metrics import DatasetStats, VideoStats, summarize
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_PRED = REPO / "runs" / "default" / "pred"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def default_paths() -> tuple[Path, Path, str]:
@@ -53,7 +51,8 @@ def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
     """Read a prediction PNG as (H,W) integer class ids.
 
     Palette PNGs give their indices through PIL (cv2 would expand them to colours); grey 8/16-bit
-    PNGs are decoded by cv2. Colour images are refused: their values are not class ids.
+    PNGs are decoded by cv2 (``vss.data.decode_png``). Colour images are refused: their values
+    are not class ids. The array may be read-only (a palette PNG's, to save a copy).
 
     Raises:
         FileNotFoundError: missing file. ValueError: corrupt file or not a single-channel image.
@@ -63,16 +62,7 @@ def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: prediction frame not found") from None
-    if len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[25] == 3:  # IHDR colour type 3 = palette
-        try:
-            with Image.open(io.BytesIO(data)) as im:  # decode the bytes already read
-                arr = np.array(im)
-        except Exception as e:  # PIL raises many types for broken files
-            raise ValueError(f"{path}: cannot decode prediction PNG ({e})") from None
-    else:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise ValueError(f"{path}: cannot decode prediction PNG (corrupt or empty file)")
+    arr = decode_png(data, path, "prediction PNG")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim != 2:
@@ -99,18 +89,54 @@ def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, 
         pred_path = pred_dir / video / mask.name
         gt = shift_labels(read_label_png(mask))  # (H,W) uint8 train ids, 255 ignore
         pred = read_prediction_png(pred_path)  # (H,W)
-        stats.update(gt, pred, name=str(pred_path))
+        stats.update(gt, pred, name=str(pred_path), copy=False)  # fresh arrays, never modified
     return stats.finish()
 
 
-def _imap_videos(job, videos: Sequence[str], workers: int) -> Iterator[VideoStats]:
-    """Yield the VideoStats of each video in split order, in-process or from a worker pool."""
-    if workers <= 1 or len(videos) <= 1:
-        yield from map(job, videos)
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse rather than hand it back to the OS at once.
+
+    Every frame is decoded into new arrays (0.4 MB each at 480p); with glibc's default
+    thresholds each one is served by fresh pages that the kernel must fault in and zero, which
+    made decoding a third to a half slower here. (Importing torch happens to raise these thresholds;
+    evaluate.py does not import torch.) Process-wide, set once by ``main`` and in each worker;
+    does nothing on other C libraries.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):  # no C library handle (Windows) or no mallopt (macOS)
         return
-    # the processes are the parallelism: one OpenCV thread each avoids oversubscribing the cores
-    with multiprocessing.Pool(min(workers, len(videos)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        yield from pool.imap(job, videos)
+    mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MB of free heap
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the (reused) heap
+
+
+def _init_spawned_worker() -> None:
+    reuse_freed_memory()
+    cv2.setNumThreads(1)  # the processes are the parallelism: avoid oversubscribing the cores
+
+
+@contextmanager
+def _video_results(job, videos: Sequence[str], workers: int) -> Iterator[Iterator[VideoStats]]:
+    """An iterator over the VideoStats of each video in split order, computed in-process or by a
+    worker pool that lives as long as the ``with`` block.
+
+    On Linux the workers are forked: they start in milliseconds with everything imported and
+    the parent's malloc settings, where spawn / forkserver (the default from Python 3.14) would
+    re-import this module in each worker (~0.4 s). A forked worker must not touch OpenCV's
+    thread pool (``cv2.setNumThreads`` can hang in a child forked while the parent's pool
+    threads wait); the per-frame work uses no multi-threaded OpenCV function. One video per
+    task keeps the load balanced; a task (tens of ms per video) dwarfs its dispatch cost.
+    """
+    if workers <= 1 or len(videos) <= 1:
+        yield map(job, videos)
+        return
+    n = min(workers, len(videos))
+    if sys.platform.startswith("linux"):
+        pool = multiprocessing.get_context("fork").Pool(n)
+    else:
+        pool = multiprocessing.Pool(n, initializer=_init_spawned_worker)
+    with pool:
+        yield pool.imap(job, videos)
 
 
 def evaluate(gt_root: Path, pred_dir: Path, split: str, *, num_classes: int | None = None,
@@ -140,9 +166,11 @@ def evaluate(gt_root: Path, pred_dir: Path, split: str, *, num_classes: int | No
     job = partial(evaluate_video, gt_root=gt_root, pred_dir=pred_dir, num_classes=k, vc_sizes=sizes,
                   include_last_window=include_last_window)
     total = DatasetStats(k, sizes)
-    for stats in tqdm(_imap_videos(job, videos, workers), total=len(videos), desc="evaluate", unit="video",
-                      disable=not progress, file=sys.stderr):
-        total.add(stats)
+    # the pool is made before the progress bar, whose monitor thread should not be alive at fork
+    with _video_results(job, videos, workers) as results:
+        for stats in tqdm(results, total=len(videos), desc="evaluate", unit="video", disable=not progress,
+                          file=sys.stderr):
+            total.add(stats)
     return summarize(total, names if len(names) == k else None)
 
 
@@ -176,17 +204,8 @@ def _json_safe(x):
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     """Write ``obj`` as JSON through a temp file + os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
 
 
 def _vc_sizes(text: str) -> tuple[int, ...]:
@@ -226,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-classes must be in 1..255, got {args.num_classes}")
     # corrupt PNGs are reported by our own error line; keep OpenCV's C++ log off stderr
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    reuse_freed_memory()
     try:
         gt, pred, split = (args.gt, args.pred, args.split) if args.gt is not None else default_paths()
         summary = evaluate(gt, pred, split, num_classes=args.num_classes, vc_sizes=args.vc,

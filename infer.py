@@ -41,10 +41,8 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -57,7 +55,7 @@ from tqdm import tqdm
 from vss.aggregate import aggregate_prediction_dirs, choose_per_video
 from vss.checkpoint import load_checkpoint
 from vss.config import Config
-from vss.data import (DEFAULT_FPS, IMAGE_EXTS, default_palette, iter_eval_videos,
+from vss.data import (DEFAULT_FPS, IMAGE_EXTS, atomic_path, default_palette, iter_eval_videos,
                       load_class_names, normalize, read_frame, read_video, write_label_png, write_video)
 from vss.engine import resize_short_side
 from vss.semi import pixel_entropy
@@ -79,6 +77,8 @@ class Member(NamedTuple):
     cfg: Config
     stage: str
     test_size: int  # short side given to the model (0 = original size)
+    class_names: list[str] | None  # the training data's classes (saved by train.py), if known
+    palette: np.ndarray | None
 
 
 class VideoInput(NamedTuple):
@@ -240,7 +240,9 @@ def load_member(path: Path, device: torch.device, test_size: int | None) -> Memb
                          f"({detail})") from None
     model.to(device).eval()
     size = cfg.data.test_size if test_size is None else test_size
-    return Member(path, model, cfg, ckpt["stage"], size)
+    palette = ckpt.get("palette")
+    palette = None if palette is None else np.asarray(palette, dtype=np.uint8)
+    return Member(path, model, cfg, ckpt["stage"], size, ckpt.get("class_names"), palette)
 
 
 def model_paths(args: argparse.Namespace) -> list[Path]:
@@ -257,7 +259,8 @@ def model_paths(args: argparse.Namespace) -> list[Path]:
 def class_list(members: Sequence[Member], data_root: Path | None) -> tuple[list[str], np.ndarray]:
     """Class names and palette of the data; every checkpoint must predict exactly these classes.
 
-    Without a dataset (--video) the 124 VSPW classes are used when K = 124, else "class_k".
+    Without a dataset (--video): the classes the first checkpoint was trained on (train.py saves
+    them), else the 124 VSPW classes when K = 124, else "class_k".
     """
     k_by_path = {str(m.path): m.cfg.model.num_classes for m in members}
     if data_root is not None:
@@ -272,6 +275,9 @@ def class_list(members: Sequence[Member], data_root: Path | None) -> tuple[list[
         if len(set(k_by_path.values())) != 1:
             raise ValueError(f"the checkpoints predict different numbers of classes: {k_by_path}")
         k = next(iter(k_by_path.values()))
+        if members[0].class_names is not None and len(members[0].class_names) == k:
+            return list(members[0].class_names), (members[0].palette if members[0].palette is not None
+                                                  else default_palette(k))
         names, palette = load_class_names(None)
         if len(names) != k:
             names, palette = [f"class_{i}" for i in range(k)], None
@@ -416,16 +422,8 @@ def load_frames(video: VideoInput) -> tuple[np.ndarray, list[str], float]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _json_safe(x):

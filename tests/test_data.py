@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -90,16 +95,25 @@ def test_list_frames_sorted_and_errors(tmp_path):
     assert [p.name for p in D.list_frames(tmp_path / "v")] == ["00001.png", "00002.jpg", "00010.jpg"]
 
 
-def test_label_png_round_trip_and_encodings(tmp_path):
+def test_label_png_round_trip_and_encodings(tmp_path, monkeypatch):
+    real_open = Image.open
+
+    def open_bytes_only(fp, *args, **kwargs):  # the file is read once, then decoded from its bytes
+        assert not isinstance(fp, (str, os.PathLike)), f"PIL reads {fp} again"
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(D.Image, "open", open_bytes_only)
     rng = np.random.default_rng(0)
     lab = rng.integers(0, 11, (13, 17)).astype(np.uint8)
     lab[0, :] = 255
     pal = rng.integers(0, 256, (11, 3)).astype(np.uint8)
     path = tmp_path / "deep" / "dir" / "x.png"
     D.write_label_png(path, lab, pal)
-    assert Image.open(path).mode == "P"
     np.testing.assert_array_equal(D.read_label_png(path), lab)
-    np.testing.assert_array_equal(np.array(Image.open(path).getpalette()[:33]).reshape(11, 3), pal)
+    assert D.read_label_png(path).flags.writeable  # PIL's buffer is wrapped read-only inside
+    with real_open(path) as im:
+        assert im.mode == "P"
+        np.testing.assert_array_equal(np.array(im.getpalette()[:33]).reshape(11, 3), pal)
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temp file left behind
     # grey PNG: values; colour PNG: the red channel (DVIS++ reads RGB and takes channel 0)
     cv2.imwrite(str(tmp_path / "g.png"), lab)
@@ -124,6 +138,27 @@ def test_corrupt_files_name_the_file(tmp_path):
         D.read_label_png(tmp_path / "nope.png")
     with pytest.raises(ValueError, match="junk.png"):
         D.read_frame(junk)
+
+
+def test_atomic_writes_get_umask_permissions_and_keep_old_file_on_error(tmp_path):
+    """Files come out as a plain open() would make them (0o666 minus the umask, not mkstemp's
+    0600); a write that fails leaves the previous file and no temporary file."""
+    old_umask = os.umask(0o027)
+    try:
+        path = tmp_path / "x.png"
+        D.write_label_png(path, np.zeros((3, 4), np.uint8))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        D.write_video(tmp_path / "v.mp4", [np.zeros((16, 16, 3), np.uint8)] * 2)
+        assert stat.S_IMODE((tmp_path / "v.mp4").stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with D.atomic_path(path) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise KeyboardInterrupt
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "x.png"]
 
 
 def test_load_class_names(tmp_path):
@@ -175,6 +210,19 @@ def test_clip_indices_short_video_padding():
     assert D.sample_clip_indices(1, 4, np.random.default_rng(0)) == [0, 0, 0, 0]
 
 
+def test_torch_is_imported_only_for_the_dataset():
+    """evaluate.py (layout + PNG functions) runs without importing torch; ``VSPWDataset`` is made
+    on first access, is a torch Dataset and pickles (DataLoader workers)."""
+    code = ("import sys; import evaluate, vss.data; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from vss.data import VSPWDataset; import torch; "
+            "assert issubclass(VSPWDataset, torch.utils.data.Dataset) and vss.data.VSPWDataset is VSPWDataset")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        D.nope
+
+
 def test_dataset_short_video_reversal_and_reproducibility(tmp_path):
     root = make_dataset(tmp_path, {"short": 3, "long": 9})
     cfg = DataConfig(base_size=40, min_scale=1.0, max_scale=1.0, crop_size=(40, 48), color_jitter=0.0)
@@ -184,6 +232,9 @@ def test_dataset_short_video_reversal_and_reproducibility(tmp_path):
     assert item["video"] == "short" and item["frames"].shape == (5, 3, 40, 48) and item["labels"].shape == (5, 40, 48)
     assert item["frame_idx"] == sorted(item["frame_idx"]) and set(item["frame_idx"]) == {0, 1, 2}
     assert item["frame_names"] == [f"{7 + k:05d}" for k in item["frame_idx"]]
+    copy = pickle.loads(pickle.dumps(ds))  # as DataLoader workers receive it
+    assert type(copy) is D.VSPWDataset and isinstance(copy, torch.utils.data.Dataset)
+    assert torch.equal(copy.load_clip(0, np.random.default_rng(1))["frames"], item["frames"])
     # repeated frames are the same picture
     i0 = item["frame_idx"].index(0)
     assert torch.equal(item["labels"][i0], item["labels"][item["frame_idx"].index(0, i0)])

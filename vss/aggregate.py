@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,7 +33,7 @@ import numpy as np
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from vss.data import read_frame, read_label_png
+from vss.data import atomic_path, read_frame, read_label_png
 
 # Farneback parameters (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags):
 # OpenCV's tutorial values, the usual choice when none is given (the paper gives none).
@@ -164,15 +163,8 @@ def choose_per_video(
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".png", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _candidate_pngs(dirs: Sequence[str | os.PathLike], video: str) -> dict[str, list[Path]]:

@@ -17,12 +17,13 @@ import pickle
 import pickletools
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vss.data import atomic_path
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -37,19 +38,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         state: dict of tensors / numbers / strings / containers (loadable with weights_only).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException: a KeyboardInterrupt mid-write must not leave the temporary file behind.
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(path.parent)
 
 

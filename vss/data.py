@@ -26,23 +26,31 @@ Implements (``reference/dvis_plus.md`` sections 1 and 5, ``reference/vspw_metric
   configs, ``DataConfig.color_jitter = 0`` switches it off).
 - VSS targets (``VSSMAP.__call__``): each class present anywhere in the clip is one target with
   a mask on every frame (empty where the class is absent in that frame).
+
+torch is imported only by the functions that make tensors and by ``VSPWDataset`` (made on first
+access, see ``__getattr__``), so the layout / PNG functions cost no torch import (evaluate.py).
+Files are written atomically (``atomic_path``) with the usual permissions.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
+import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from vss.config import DataConfig
+
+if TYPE_CHECKING:  # torch is imported inside the functions that need it (see ``__getattr__`` below)
+    import torch
 
 IGNORE = 255  # ignore / void train id, and label padding
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -104,12 +112,40 @@ def _png_color_type(data: bytes) -> int | None:
     return data[25]
 
 
+def decode_png(data: bytes, path: str | os.PathLike, what: str = "PNG") -> np.ndarray:
+    """Decode the bytes of a label / prediction PNG into its stored values.
+
+    A palette PNG gives its indices through PIL (cv2 would expand them to colours); any other
+    image what ``cv2.imdecode(IMREAD_UNCHANGED)`` gives: (H,W) grey values (8 or 16 bit) or
+    (H,W,3|4) BGR(A). The bytes are decoded where they are, the file is not read again.
+
+    Args:
+        data: the file's bytes.
+        path: the file, named in error messages.
+        what: what the file is, for error messages (e.g. "label PNG").
+    Returns:
+        The decoded array; read-only for a palette PNG (PIL's pixel bytes wrapped without
+        another copy).
+    Raises:
+        ValueError: corrupt, truncated or not an image.
+    """
+    if _png_color_type(data) == 3:
+        try:
+            with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+                return np.asarray(im)  # (H,W) palette indices
+        except Exception as e:  # PIL raises many types for broken files
+            raise ValueError(f"cannot read {what} {path}: {e}") from None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"cannot read {what} {path}: not a readable image (corrupt or empty?)")
+    return arr
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG as (H,W) uint8 values (raw, not shifted).
 
-    Palette PNGs give their indices (cv2 would expand them to colours, so they go through PIL);
-    other PNGs are decoded by cv2; a colour PNG gives its red channel (DVIS++ reads RGB and takes
-    channel 0).
+    Palette PNGs give their indices, grey PNGs their values, a colour PNG its red channel (DVIS++
+    reads RGB and takes channel 0); see ``decode_png``.
 
     Raises:
         FileNotFoundError: missing file. ValueError: unreadable, corrupt or not 8-bit.
@@ -119,27 +155,14 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"label file not found: {path}") from None
-    if _png_color_type(data) == 3:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                arr = np.array(im)
-        except Exception as e:  # PIL raises many types for broken files
-            raise ValueError(f"cannot read label PNG {path}: {e}") from None
-    else:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise ValueError(f"cannot read label PNG {path}: not a readable image (corrupt or empty?)")
-        if arr.ndim == 3:
-            if arr.shape[2] == 1:
-                arr = arr[:, :, 0]
-            else:
-                arr = arr[:, :, 2]  # cv2 gives BGR(A): index 2 is red = RGB channel 0
+    arr = decode_png(data, path, "label PNG")
+    if arr.ndim == 3:
+        arr = arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, 2]  # cv2 gives BGR(A): index 2 is red
     if arr.dtype != np.uint8:
         raise ValueError(f"label PNG {path} has dtype {arr.dtype}; expected 8-bit values")
     if arr.ndim != 2:
         raise ValueError(f"label PNG {path} has shape {arr.shape}; expected (H, W)")
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
 
 
 def shift_labels(raw: np.ndarray) -> np.ndarray:
@@ -153,9 +176,10 @@ def shift_labels(raw: np.ndarray) -> np.ndarray:
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
         raise ValueError(f"shift_labels expects uint8 raw values, got {raw.dtype}")
-    # uint8 wrap-around does the recipe in one step: 0 - 1 = 255, and raw 255 - 1 = 254 is fixed.
+    # uint8 wrap-around does the recipe in one step (0 - 1 = 255) except for raw 255, which
+    # becomes 254 and gets its last bit set back: three cheap passes, no masked assignment.
     out = raw - np.uint8(1)
-    out[raw == 255] = IGNORE
+    out |= (raw == 255).view(np.uint8)
     return out
 
 
@@ -208,11 +232,37 @@ def load_class_names(root: str | os.PathLike | None = None) -> tuple[list[str], 
     return names, pal.astype(np.uint8)
 
 
-def _atomic_target(path: Path, suffix: str) -> str:
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Write a file atomically: yield a temporary path beside ``path`` to write to, and put it
+    under the real name with ``os.replace`` when the block ends without error (else remove it).
+    Readers never see half a file, and an interrupted write leaves the previous file intact.
+
+    The temporary file is created like any new file (mode 0o666 minus the umask), so the result
+    gets the usual permissions (``tempfile.mkstemp`` would make it 0600).
+
+    Args:
+        path: the final file; its folder is created if needed.
+        suffix: end of the temporary name, for writers that pick the format from it (a video
+            writer needs ".mp4"); the name is hidden (leading dot) and unique.
+    Yields:
+        The temporary path (an empty file).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # another writer's temporary file: draw another name
+            continue
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the block failed (BaseException too: Ctrl-C mid-write)
+            tmp.unlink()
 
 
 def write_label_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:
@@ -237,14 +287,8 @@ def write_label_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndar
         pal[: len(palette)] = palette
     pal[IGNORE] = 255  # void shows white
     im.putpalette(pal.reshape(-1).tolist())
-    tmp = _atomic_target(path, ".png")
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_frame(path: str | os.PathLike) -> np.ndarray:
@@ -276,6 +320,8 @@ def normalize(frames: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tenso
     Returns:
         float32 tensor, channels moved before H, W.
     """
+    import torch
+
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if x.ndim < 3 or x.shape[-1] != 3:
         raise ValueError(f"normalize expects (..., H, W, 3) RGB frames, got shape {tuple(x.shape)}")
@@ -396,6 +442,8 @@ def apply_clip_transform(
     Returns:
         frames (T,3,ch,cw) float32 normalised, labels (T,ch,cw) int64 or None.
     """
+    import torch
+
     t, h, w, _ = frames.shape
     nh, nw = tf.size
     y0, x0, ch, cw = tf.crop
@@ -436,6 +484,8 @@ def clip_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
         {"labels": (M,) int64 class ids in increasing order, "masks": (M,T,H,W) bool}; a class's
         mask is ``labels == class`` on every frame (empty where the class is absent).
     """
+    import torch
+
     classes = torch.unique(labels)
     classes = classes[classes != IGNORE]  # (M,)
     masks = labels.unsqueeze(0) == classes.view(-1, 1, 1, 1)  # (M,T,H,W)
@@ -451,6 +501,8 @@ def per_frame_targets(targets: dict[str, torch.Tensor], t: int) -> dict[str, tor
     Returns:
         {"labels": (M_t,) int64, "masks": (M_t,H,W) bool}.
     """
+    import torch
+
     masks = targets["masks"][:, t]  # (M,H,W)
     keep = masks.flatten(1).any(1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
     return {"labels": targets["labels"][keep], "masks": masks[keep]}
@@ -468,6 +520,8 @@ def collate_clips(batch: Sequence[dict], size_divisibility: int = 32) -> dict:
         "targets": list of B {"labels": (M,), "masks": (M,T,H,W)}, "videos": list of B names,
         "frame_names": list of B lists of T names}.
     """
+    import torch
+
     if not batch:
         raise ValueError("collate_clips got an empty batch")
     ts = {item["frames"].shape[0] for item in batch}
@@ -519,7 +573,8 @@ def check_label_range(label: np.ndarray, num_classes: int, path: str | os.PathLi
         )
 
 
-class VSPWDataset(torch.utils.data.Dataset):
+# The body of ``VSPWDataset``, which ``__getattr__`` below makes with torch's Dataset as second base.
+class _VSPWClips:
     """Training clips of a VSPW-layout dataset.
 
     ``len`` is the epoch size (``length``, default the number of videos); item i is a clip of
@@ -574,6 +629,8 @@ class VSPWDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
+        import torch
+
         seed = int(torch.randint(0, 2**62, ()).item())
         return self.load_clip(i, np.random.default_rng(seed))
 
@@ -604,6 +661,24 @@ class VSPWDataset(torch.utils.data.Dataset):
             "frame_names": [frame_paths[k].stem for k in idx],
             "frame_idx": list(idx),
         }
+
+
+def __getattr__(name: str):
+    """``vss.data.VSPWDataset``: ``_VSPWClips`` with ``torch.utils.data.Dataset`` as second base.
+
+    PEP 562 module attribute, made on first access, because its base class needs torch: the
+    layout and PNG functions of this module (all evaluate.py uses) must not cost a torch import
+    (~1.5 s, ~250 MB). Made once; ``from vss.data import VSPWDataset`` and pickling (DataLoader
+    workers) work as for a plain class.
+    """
+    if name == "VSPWDataset":
+        import torch.utils.data
+
+        cls = type("VSPWDataset", (_VSPWClips, torch.utils.data.Dataset),
+                   {"__module__": __name__, "__doc__": _VSPWClips.__doc__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EvalVideo(NamedTuple):
@@ -694,18 +769,14 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
     if not frames:
         raise ValueError(f"no frame to write to {path}")
     h, w = frames[0].shape[:2]
-    tmp = _atomic_target(path, path.suffix or ".mp4")
-    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-    try:
-        if not writer.isOpened():
-            raise ValueError(f"cannot open a video writer for {path} (mp4v codec unavailable?)")
-        for i, f in enumerate(frames):
-            if f.shape != (h, w, 3) or f.dtype != np.uint8:
-                raise ValueError(f"frame {i} for {path} is {f.shape} {f.dtype}; expected ({h}, {w}, 3) uint8")
-            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-        writer.release()
-        os.replace(tmp, path)
-    finally:
-        writer.release()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=path.suffix or ".mp4") as tmp:  # the writer picks the container from the name
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        try:
+            if not writer.isOpened():
+                raise ValueError(f"cannot open a video writer for {path} (mp4v codec unavailable?)")
+            for i, f in enumerate(frames):
+                if f.shape != (h, w, 3) or f.dtype != np.uint8:
+                    raise ValueError(f"frame {i} for {path} is {f.shape} {f.dtype}; expected ({h}, {w}, 3) uint8")
+                writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()

@@ -25,25 +25,28 @@ Reading taken on the official code's silent failure: a prediction id >= K on a v
 lands in a wrong confusion cell there; here it is an error naming the frame.
 
 Streaming, one pass per video for every n at once, memory independent of the video length: per
-pixel we keep the run length of unchanged labels ending at the current frame (GT and prediction;
-uint8 counters saturating at 255, uint16 when some n > 255). The window [i, i+n-1] is constant at
-a pixel iff the run length at frame i+n-1 is >= n, and |G & P| counts the pixels where both run
-lengths are >= n. A window is counted when the frame after it arrives, which is exactly the
-official rule i <= T-n-1; ``finish()`` counts the window ending at the last frame only when
-``include_last_window`` is set. The official script instead holds every frame of a video and
-loops over (T-n) x (n-1) full-frame comparisons per n.
+pixel we keep the run length of unchanged GT and of the unchanged (GT, prediction) pair ending at
+the current frame (uint8 counters saturating at 255, uint16 when some n > 255). The window
+[i, i+n-1] is constant at a pixel iff the run length at frame i+n-1 is >= n, so |G| counts the
+pixels whose GT run is >= n and |G & P| those whose pair run is >= n (GT and prediction both
+constant = the pair constant). A window is counted when the frame after it arrives, which is
+exactly the official rule i <= T-n-1; ``finish()`` counts the window ending at the last frame
+only when ``include_last_window`` is set. The official script instead holds every frame of a
+video and loops over (T-n) x (n-1) full-frame comparisons per n.
 
 Confusion counts of uint8 maps are taken per run of equal (gt, pred) pairs in raster order
 (weighted by the run length) rather than per pixel; same numbers, several times fewer bincount
-entries for piecewise-constant label maps.
+entries for piecewise-constant label maps. The per-frame work is a few whole-frame numpy passes
+into buffers allocated once per video.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import cv2  # saturating in-place add for the run lengths
+import cv2  # saturating in-place add for the run lengths, fast counts
 import numpy as np
 
 __all__ = ["confusion_matrix", "VideoStats", "DatasetStats", "merge", "summarize",
@@ -62,8 +65,8 @@ def _check_prediction(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: 
         raise ValueError(f"{name}: labels must be integer arrays, got gt {gt.dtype}, prediction {pred.dtype}")
     if pred.size == 0:
         return
-    lo, hi = pred.min(), pred.max()  # cheap reductions; the masked check below runs only on failure
-    if lo >= 0 and hi < num_classes:
+    # cheap reductions; the masked check below runs only on failure
+    if (pred.dtype.kind == "u" or pred.min() >= 0) and pred.max() < num_classes:
         return
     bad = ((pred < 0) | (pred >= num_classes)) & (gt >= 0) & (gt < num_classes)
     if bad.any():
@@ -89,34 +92,58 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: s
     """
     gt, pred = np.asarray(gt), np.asarray(pred)
     _check_prediction(gt, pred, num_classes, name)
-    return _confusion_checked(gt, pred, num_classes)
+    return _confusion_checked(gt, pred, num_classes).astype(np.int64)
 
 
-def _confusion_checked(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+def _confusion_checked(gt: np.ndarray, pred: np.ndarray, num_classes: int,
+                       work: np.ndarray | None = None) -> np.ndarray:
+    """(K,K) counts (float64 or int64, exact integers) of checked labels; ``work`` as in
+    ``_confusion_runs``."""
     if gt.dtype == np.uint8 and pred.dtype == np.uint8 and num_classes <= 255:
-        return _confusion_runs(gt, pred, num_classes)
+        return _confusion_runs(gt, pred, num_classes, work)
     return _confusion_bincount(gt, pred, num_classes)
 
 
-def _confusion_runs(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+def _confusion_runs(gt: np.ndarray, pred: np.ndarray, num_classes: int,
+                    work: np.ndarray | None = None) -> np.ndarray:
     """uint8 fast path. Label maps are piecewise constant, so each run of equal (gt, pred) pairs
     in raster order is counted once, weighted by its length: a few thousand bincount entries
-    per frame instead of one per pixel. Noisy maps (many runs) go per pixel."""
+    per frame instead of one per pixel. Noisy maps (many runs) go per pixel.
+
+    Args:
+        gt, pred: (H,W) uint8 labels (checked).
+        num_classes: K <= 255.
+        work: optional (2, H*W) bool scratch buffer, reused across the frames of a video.
+    Returns:
+        (K,K) float64 counts (exact: whole numbers far below 2**53).
+    """
     k = num_classes
     g, p = gt.reshape(-1), pred.reshape(-1)  # (HW,) raster order
-    start = np.empty(g.size, bool)  # (HW,) True where a run of equal (gt, pred) pairs begins
-    start[:1] = True
+    if work is None or work.shape != (2, g.size):
+        work = np.empty((2, g.size), bool)
+    start, p_changes = work  # (HW,) each; start: True where a run of equal (gt, pred) pairs begins
+    start[0] = True
     np.not_equal(g[1:], g[:-1], out=start[1:])
-    start[1:] |= p[1:] != p[:-1]
-    if np.count_nonzero(start) > g.size // 8:
-        return _confusion_pixels(g, p, k)
+    np.not_equal(p[1:], p[:-1], out=p_changes[1:])
+    start[1:] |= p_changes[1:]
+    if cv2.countNonZero(start.view(np.uint8)) > g.size // 8:  # before flatnonzero, slow on dense masks
+        return _confusion_pixels(g, p, k).astype(np.float64)
     first = np.flatnonzero(start)  # (R,) first pixel of each run
-    lengths = np.diff(first, append=g.size)  # (R,)
-    g_run = g[first]  # (R,)
-    valid = g_run < k  # ignored GT (255) runs are dropped
-    code = g_run[valid].astype(np.intp) * k + p[first[valid]]  # (R',)
-    counts = np.bincount(code, weights=lengths[valid], minlength=k * k)  # float64, exact below 2**53
-    return counts.astype(np.int64).reshape(k, k)
+    lengths = np.empty_like(first)  # (R,)
+    np.subtract(first[1:], first[:-1], out=lengths[:-1])
+    lengths[-1] = g.size - first[-1]
+    # cell of each run: GT row offset from a 256-entry table (ignored GT, values >= K, lands past
+    # the K*K cells and is cut off) plus the predicted column: no masking pass
+    cell = _row_offsets(k).take(g.take(first)) + p.take(first)  # (R,)
+    counts = np.bincount(cell, weights=lengths, minlength=k * k + 256)  # float64, exact below 2**53
+    return counts[: k * k].reshape(k, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_offsets(num_classes: int) -> np.ndarray:
+    """(256,) intp: ``v * K`` for GT values v < K, ``K * K`` for ignored values."""
+    v = np.arange(256)
+    return np.where(v < num_classes, v * num_classes, num_classes * num_classes)
 
 
 def _confusion_pixels(g: np.ndarray, p: np.ndarray, num_classes: int) -> np.ndarray:
@@ -141,11 +168,12 @@ class VideoStats:
     """Streaming accumulator of one video: confusion matrix and VC windows.
 
     Feed the frames in temporal order with ``update``, then call ``finish``. Only the previous
-    labels and the run-length arrays are kept, so memory does not grow with the video length.
+    labels, the run-length arrays and scratch buffers of frame size are kept (allocated on the
+    first frame, reused), so memory does not grow with the video length.
 
     Attributes:
         name: video name.
-        confusion: (K,K) int64 pixel counts of the video.
+        confusion: (K,K) int64 pixel counts of the video (of the frames seen so far).
         num_frames: frames seen.
         window_inter: {n: list of |G & P| per counted window} in temporal order.
         window_const: {n: list of |G| per counted window}.
@@ -161,17 +189,33 @@ class VideoStats:
         self.num_classes = num_classes
         self.vc_sizes = tuple(sorted({int(n) for n in vc_sizes}))
         self.include_last_window = include_last_window
-        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self._counts = np.zeros((num_classes, num_classes))  # float64: exact whole numbers below 2**53
         self.num_frames = 0
         self.window_inter: dict[int, list[int]] = {n: [] for n in self.vc_sizes}
         self.window_const: dict[int, list[int]] = {n: [] for n in self.vc_sizes}
         self.finished = False
-        # streaming state: previous labels and run lengths of unchanged labels, (H,W) each
         # run-length counters saturate at the dtype maximum (255 / 65535), which only has to be >= n
         self._run_dtype = np.uint8 if max(self.vc_sizes, default=1) <= 255 else np.uint16
-        self._prev_gt = self._prev_pred = self._run_gt = self._run_pred = None
+        self._free_frame_state()
 
-    def update(self, gt: np.ndarray, pred: np.ndarray, name: str | None = None) -> None:
+    @property
+    def confusion(self) -> np.ndarray:
+        """(K,K) int64 pixel counts ``CM[gt, pred]`` of the frames seen."""
+        return self._counts.astype(np.int64)
+
+    def _free_frame_state(self) -> None:
+        # previous labels; run lengths of unchanged GT and of unchanged (GT, prediction) pairs
+        # ending at the last frame; scratch masks. (H,W) each, made on the first frame.
+        self._prev_gt = self._prev_pred = self._run_gt = self._run_both = None
+        self._same_gt = self._same_both = self._mask = self._work = None
+
+    def _alloc_frame_state(self, shape: tuple[int, ...]) -> None:
+        self._run_gt = np.ones(shape, self._run_dtype)  # (H,W)
+        self._run_both = np.ones(shape, self._run_dtype)  # (H,W)
+        self._same_gt, self._same_both, self._mask = np.empty((3, *shape), bool)  # (H,W) each
+        self._work = np.empty((2, int(np.prod(shape))), bool)  # (2, HW) for _confusion_runs
+
+    def update(self, gt: np.ndarray, pred: np.ndarray, name: str | None = None, *, copy: bool = True) -> None:
         """Add the next frame.
 
         Args:
@@ -179,6 +223,9 @@ class VideoStats:
                 they are, so passing raw GT gives the official "raw GT" VC variant.
             pred: (H,W) integer predicted ids 0..K-1.
             name: file named in error messages (default: video and frame index).
+            copy: keep copies of the frame for the next update, so the caller may reuse its
+                arrays; False hands them over (the caller must not modify them afterwards) and
+                saves two frame copies.
         Raises:
             ValueError: see ``confusion_matrix``; a frame size that changes within the video.
         """
@@ -187,32 +234,37 @@ class VideoStats:
         name = name or f"video {self.name!r} frame {self.num_frames}"
         gt, pred = np.asarray(gt), np.asarray(pred)
         _check_prediction(gt, pred, self.num_classes, name)
-        if self._prev_gt is not None and gt.shape != self._prev_gt.shape:
+        if self._prev_gt is None:
+            self._alloc_frame_state(gt.shape)
+        elif gt.shape != self._prev_gt.shape:
             raise ValueError(f"{name}: frame size {gt.shape} differs from the previous frame's "
                              f"{self._prev_gt.shape}")
-        if self._prev_gt is None:
-            self._run_gt = np.ones(gt.shape, self._run_dtype)  # (H,W)
-            self._run_pred = np.ones(gt.shape, self._run_dtype)  # (H,W)
         elif self.vc_sizes:
             # A frame after the window ending at the previous frame exists, so that window obeys
             # the official i <= T-n-1: count it before the run lengths move on.
             self._count_windows()
-            _advance_run(self._run_gt, np.equal(self._prev_gt, gt))
-            _advance_run(self._run_pred, np.equal(self._prev_pred, pred))
-        self.confusion += _confusion_checked(gt, pred, self.num_classes)
-        self._prev_gt = _keep(self._prev_gt, gt)
-        self._prev_pred = _keep(self._prev_pred, pred)
+            np.equal(self._prev_gt, gt, out=self._same_gt)
+            np.equal(self._prev_pred, pred, out=self._same_both)
+            self._same_both &= self._same_gt
+            _advance_run(self._run_gt, self._same_gt)
+            _advance_run(self._run_both, self._same_both)
+        self._counts += _confusion_checked(gt, pred, self.num_classes, self._work)
+        if copy:
+            self._prev_gt, self._prev_pred = _keep(self._prev_gt, gt), _keep(self._prev_pred, pred)
+        else:
+            self._prev_gt, self._prev_pred = gt, pred
         self.num_frames += 1
 
     def _count_windows(self) -> None:
-        """Count the windows ending at the last frame seen (frame index num_frames-1)."""
-        sizes = [n for n in self.vc_sizes if self.num_frames >= n]
-        if not sizes:
-            return
-        both = np.minimum(self._run_gt, self._run_pred)  # (H,W) run length of the (gt, pred) pair
-        for n in sizes:
-            self.window_const[n].append(int(np.count_nonzero(self._run_gt >= n)))
-            self.window_inter[n].append(int(np.count_nonzero(both >= n)))
+        """Count the windows ending at the last frame seen (frame index num_frames-1).
+
+        The (gt, pred) pair is constant over the window iff both are, so |G & P| counts the
+        pixels whose pair run length is >= n."""
+        for n in self.vc_sizes:
+            if self.num_frames < n:
+                break
+            self.window_const[n].append(_count_at_least(self._run_gt, n, self._mask))
+            self.window_inter[n].append(_count_at_least(self._run_both, n, self._mask))
 
     def finish(self) -> "VideoStats":
         """End the video: count the last window if ``include_last_window``, free the frame state.
@@ -223,7 +275,7 @@ class VideoStats:
         if not self.finished:
             if self.include_last_window and self._prev_gt is not None:
                 self._count_windows()
-            self._prev_gt = self._prev_pred = self._run_gt = self._run_pred = None
+            self._free_frame_state()
             self.finished = True
         return self
 
@@ -238,6 +290,13 @@ class VideoStats:
         """VC_n of this video: nanmean of its window ratios, NaN without a finite one (the official
         script prints the plain mean, which is NaN as soon as one window is)."""
         return _nanmean(self.window_ratios(n))
+
+
+def _count_at_least(run: np.ndarray, n: int, scratch: np.ndarray) -> int:
+    """Number of entries >= n of ``run``; ``scratch`` is a bool array of its shape.
+    (cv2.countNonZero counts a third faster than np.count_nonzero, on one thread too.)"""
+    np.greater_equal(run, n, out=scratch)
+    return cv2.countNonZero(scratch.view(np.uint8))
 
 
 def _advance_run(run: np.ndarray, same: np.ndarray) -> None:

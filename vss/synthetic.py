@@ -32,9 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,7 +368,9 @@ def render_dataset(
         raise ValueError(f"frames must be >= 1 (min <= max), got {frames}")
     counts = _split_counts(num_videos, splits)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    # a plain mkdir (0o777 minus the umask): tempfile.mkdtemp would leave the dataset folder 0700
+    tmp = root.parent / f".{root.name}.tmp{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         i = 0
         for split, n in counts.items():

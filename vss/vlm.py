@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,6 +59,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import openai
+
+from vss.data import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -264,16 +265,8 @@ def _read_cache(path: Path) -> str | None:
 
 
 def _write_cache(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
 
 
 def _ask(

@@ -307,7 +307,7 @@ def test_two_ranks_nan_stops_all_and_eval_matches(tmp_path, tiny_videos):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path), str(tiny_videos)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert res[0]["nan"] == "non-finite loss on another rank"
     assert "loss_ce" in res[1]["nan"]
     expected = _reference_metrics(tiny_videos)

@@ -244,6 +244,16 @@ def test_streaming_copies_frames_and_frees_state():
     assert res["VC8"] == ref["VC8"] and res["VC8_windows"] == 4
     with pytest.raises(RuntimeError, match="after finish"):
         s.update(gts[0], preds[0])
+    # copy=False keeps the arrays handed over (read-only here, like decoded PNGs): same numbers,
+    # and a copying update after it must not write into them
+    h = VideoStats(5, (8, 16), name="v0")
+    for i, (g, p) in enumerate(zip(gts, preds)):
+        g, p = g.copy(), p.copy()
+        g.flags.writeable = p.flags.writeable = False
+        h.update(g, p, copy=i % 3 == 2)
+    handed = summarize(merge([h.finish()]))
+    assert handed["mIoU"] == ref["mIoU"]
+    np.testing.assert_equal(handed["per_video"], ref["per_video"])
 
 
 def test_merge_is_order_free_and_refuses_duplicates():

@@ -204,16 +204,19 @@ class VideoStats:
         return self._counts.astype(np.int64)
 
     def _free_frame_state(self) -> None:
-        # previous labels; run lengths of unchanged GT and of unchanged (GT, prediction) pairs
-        # ending at the last frame; scratch masks. (H,W) each, made on the first frame.
+        # previous labels (our copies, or the arrays handed over with copy=False); run lengths of
+        # unchanged GT and of unchanged (GT, prediction) pairs ending at the last frame; scratch
+        # masks. (H,W) each, made on the first frame.
         self._prev_gt = self._prev_pred = self._run_gt = self._run_both = None
-        self._same_gt = self._same_both = self._mask = self._work = None
+        self._copies = (None, None)
+        self._scratch = None
 
     def _alloc_frame_state(self, shape: tuple[int, ...]) -> None:
         self._run_gt = np.ones(shape, self._run_dtype)  # (H,W)
         self._run_both = np.ones(shape, self._run_dtype)  # (H,W)
-        self._same_gt, self._same_both, self._mask = np.empty((3, *shape), bool)  # (H,W) each
-        self._work = np.empty((2, int(np.prod(shape))), bool)  # (2, HW) for _confusion_runs
+        # two frame-size bool masks shared by the steps of an update, one after the other (counting,
+        # change masks, confusion runs): fewer buffers, less cache traffic for the decoder
+        self._scratch = np.empty((2, int(np.prod(shape))), bool)  # (2, HW)
 
     def update(self, gt: np.ndarray, pred: np.ndarray, name: str | None = None, *, copy: bool = True) -> None:
         """Add the next frame.
@@ -243,14 +246,16 @@ class VideoStats:
             # A frame after the window ending at the previous frame exists, so that window obeys
             # the official i <= T-n-1: count it before the run lengths move on.
             self._count_windows()
-            np.equal(self._prev_gt, gt, out=self._same_gt)
-            np.equal(self._prev_pred, pred, out=self._same_both)
-            self._same_both &= self._same_gt
-            _advance_run(self._run_gt, self._same_gt)
-            _advance_run(self._run_both, self._same_both)
-        self._counts += _confusion_checked(gt, pred, self.num_classes, self._work)
-        if copy:
-            self._prev_gt, self._prev_pred = _keep(self._prev_gt, gt), _keep(self._prev_pred, pred)
+            same_gt, same_both = self._scratch.reshape(2, *gt.shape)  # (H,W) each
+            np.equal(self._prev_gt, gt, out=same_gt)
+            np.equal(self._prev_pred, pred, out=same_both)
+            same_both &= same_gt
+            _advance_run(self._run_gt, same_gt)
+            _advance_run(self._run_both, same_both)
+        self._counts += _confusion_checked(gt, pred, self.num_classes, self._scratch)
+        if copy:  # into buffers of our own, reused from frame to frame
+            self._copies = (_keep(self._copies[0], gt), _keep(self._copies[1], pred))
+            self._prev_gt, self._prev_pred = self._copies
         else:
             self._prev_gt, self._prev_pred = gt, pred
         self.num_frames += 1
@@ -260,11 +265,12 @@ class VideoStats:
 
         The (gt, pred) pair is constant over the window iff both are, so |G & P| counts the
         pixels whose pair run length is >= n."""
+        mask = self._scratch[0].reshape(self._run_gt.shape)  # (H,W)
         for n in self.vc_sizes:
             if self.num_frames < n:
                 break
-            self.window_const[n].append(_count_at_least(self._run_gt, n, self._mask))
-            self.window_inter[n].append(_count_at_least(self._run_both, n, self._mask))
+            self.window_const[n].append(_count_at_least(self._run_gt, n, mask))
+            self.window_inter[n].append(_count_at_least(self._run_both, n, mask))
 
     def finish(self) -> "VideoStats":
         """End the video: count the last window if ``include_last_window``, free the frame state.

@@ -3,21 +3,17 @@ collective returns a new tensor, the caller assigns it, and the summed confusion
 the single-process one)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from vss import distributed as vd
+from helpers import free_port
 
 NUM_CLASSES = 5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def confusion(target: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,7 +3,6 @@ Haochen-Wang409/U2PL@ab3d2be; keys described in reference/u2pl.md section 3), pl
 per-pixel reference implementations for the paper-behaviour flags."""
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vss import semi
+from helpers import free_port
 
 VECTORS = Path(__file__).resolve().parent / "data" / "u2pl_vectors.npz"
 K = 5  # classes in the vectors
@@ -394,10 +394,6 @@ def test_memory_bank_fifo_and_state():
         bank.enqueue([rows(0, 1)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -429,7 +425,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_memory_bank_gathers_keys_from_all_ranks(tmp_path):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expect = [[0, 1], [110, 111, 112], [20, 120]]  # per class: rank 0's rows, then rank 1's
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

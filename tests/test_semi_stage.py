@@ -6,7 +6,6 @@ its stage, and a 2-rank torchrun run whose ranks hold identical memory banks."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, collate_pse
                             transform_map)
 from vss.synthetic import render_dataset  # noqa: E402
 from vss.video_model import build_video_model  # noqa: E402
+from helpers import free_port, write_ddp_train_wrapper
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -312,31 +312,16 @@ def test_semi_flag_errors(setup, tmp_path, capsys):
 # DDP
 # --------------------------------------------------------------------------------------------
 
-WRAPPER = """
-import sys
-import torch.distributed as dist
-sys.path.insert(0, {repo!r})
-import train
-save = train.save_checkpoint
-train.is_main = lambda: True  # every rank writes its own checkpoint (test only)
-train.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
-sys.exit(train.main(sys.argv[1:]))
-"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_rank_semi_run_gathers_the_memory_bank(setup, tmp_path):
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    wrapper = write_ddp_train_wrapper(tmp_path / "wrapper.py")
     out = tmp_path / "ddp"
     argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--iters", 2)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), str(wrapper), *argv], cwd=REPO, env=ENV, capture_output=True,
+                          str(free_port()), str(wrapper), *argv], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = load_checkpoint(out / "last.pt.rank0"), load_checkpoint(out / "last.pt.rank1")

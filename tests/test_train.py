@@ -24,6 +24,7 @@ from vss.checkpoint import load_checkpoint
 from vss.config import Config, tiny
 from vss.data import read_label_png, read_split, shift_labels
 from vss.synthetic import render_dataset
+from helpers import free_port, write_ddp_train_wrapper
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -121,16 +122,6 @@ def test_resume_continues_exactly(straight, setup):
     assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 3
 
 
-WRAPPER = """
-import sys
-import torch.distributed as dist
-sys.path.insert(0, {repo!r})
-import train
-save = train.save_checkpoint
-train.is_main = lambda: True  # every rank writes its own checkpoint (test only)
-train.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
-sys.exit(train.main(sys.argv[1:]))
-"""
 
 
 def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path):
@@ -140,10 +131,9 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
         for mask in sorted((setup["data"] / "data" / video / "mask").iterdir()):
             assert set(shift_labels(read_label_png(mask)).ravel().tolist()) - {255} == {0, 1}
     extra = ("--iters", 3, "--mvc", "--mvc-patch", 8)
-    wrapper = tmp_path / "ddp_wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    wrapper = write_ddp_train_wrapper(tmp_path / "ddp_wrapper.py")
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), str(wrapper))
+                "--master_port", str(free_port()), str(wrapper))
     ddp = run(args_for(setup, tmp_path / "ddp", *extra), launcher=launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run(args_for(setup, tmp_path / "single", *extra, "--accum", 2))
@@ -159,12 +149,6 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
     assert any("mvc_loss_ce" in x for x in log_lines(tmp_path / "single"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):

@@ -188,6 +188,73 @@ def test_mask_losses_match_per_mask_loop_across_images(forced_points):
     assert losses["loss_dice"].item() == pytest.approx(5 * dice / 6, rel=1e-5)
 
 
+def _hand_mask_losses_valid(pred_masks, targets, indices, coords_n):
+    """``_hand_mask_losses`` with each image's ``valid`` map: only grid points on valid pixels
+    count (BCE mean and dice over them)."""
+    bce_sum, dice_sum = 0.0, 0.0
+    for b, (qs, ts) in enumerate(indices):
+        coords = _grid_coords(1, coords_n)
+        # grid points sit at pixel centres of the 8x8 grid = 2x2 blocks of the 16x16 maps
+        keep = targets[b]["valid"][1::2, 1::2].flatten()
+        for qi, ti in zip(qs.tolist(), ts.tolist()):
+            x = point_sample(pred_masks[b, qi][None, None].float(), coords)[0, 0].double()[keep]
+            t = point_sample(targets[b]["masks"][ti][None, None].float(), coords)[0, 0].double()[keep]
+            bce_sum += (F.softplus(x) - t * x).sum().item() / max(int(keep.sum()), 1)
+            p = x.sigmoid()
+            dice_sum += (1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)).item()
+    return bce_sum, dice_sum
+
+
+def test_valid_mask_ignores_pixels_by_hand(forced_points):
+    # Per-pixel ignore (semi stage, unreliable pseudo labels): points on invalid pixels drop
+    # out of BCE and dice; image 2 has every pixel invalid (its masks cost 0).
+    forced_points(8)
+    gen = torch.Generator().manual_seed(5)
+    out = _outputs(gen, 3, 5, hw=(8, 8), num_aux=0)
+    targets = _targets(gen, [2, 3, 1], hw=(16, 16))
+    for t in targets:
+        t["valid"] = torch.rand(16, 16, generator=gen) > 0.4
+    targets[2]["valid"][:] = False
+    indices = _indices(([0, 3], [1, 0]), ([1, 2, 4], [2, 0, 1]), ([0], [0]))
+    losses = SetCriterion(K, NoMatcher(), LossConfig(num_points=64))(out, targets, indices=indices)
+    bce, dice = _hand_mask_losses_valid(out["pred_masks"], targets, indices, 8)
+    assert losses["loss_mask"].item() == pytest.approx(5 * bce / 6, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(5 * dice / 6, rel=1e-5)
+    # without the valid maps the same inputs give different losses (the test can fail)
+    plain = [{k: v for k, v in t.items() if k != "valid"} for t in targets]
+    without = SetCriterion(K, NoMatcher(), LossConfig(num_points=64))(out, plain, indices=indices)
+    assert abs(without["loss_mask"].item() - losses["loss_mask"].item()) > 1e-3
+
+
+def test_valid_mask_real_sampler_and_matcher():
+    # With the real (random, uncertainty-driven) point choice and self-matching: all-valid maps
+    # change nothing, and target pixels under invalid pixels do not matter.
+    gen = torch.Generator().manual_seed(6)
+    out = _outputs(gen, 2, 6, hw=(8, 8), num_aux=1)
+    targets = _targets(gen, [3, 2], hw=(32, 32))
+    crit = SetCriterion(K, HungarianMatcher(num_points=200), LossConfig(num_points=200))
+
+    def run(tgts):
+        torch.manual_seed(0)
+        return crit(out, tgts)
+
+    base = run(targets)
+    all_valid = run([{**t, "valid": torch.ones(32, 32, dtype=torch.bool)} for t in targets])
+    for k in base:  # same matches and points; the mean is summed in another order
+        assert torch.allclose(base[k], all_valid[k], rtol=1e-6, atol=0), k
+    valid = torch.ones(32, 32, dtype=torch.bool)
+    valid[:, :16] = False  # the left half is ignored
+    a = run([{**t, "valid": valid} for t in targets])
+    changed = [{**t, "masks": t["masks"].clone(), "valid": valid} for t in targets]
+    for t in changed:
+        t["masks"][:, :, :15] = ~t["masks"][:, :, :15]  # flip targets well inside the ignored half
+    b = run(changed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c = run([{k2: v for k2, v in t.items() if k2 != "valid"} for t in changed])
+    assert not torch.equal(c["loss_mask"], b["loss_mask"])
+
+
 def test_num_masks_normalisation_duplicated_batch(forced_points):
     forced_points(8)
     gen = torch.Generator().manual_seed(3)

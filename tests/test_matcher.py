@@ -78,6 +78,25 @@ def test_cost_matrix_equals_reference_with_different_resolutions():
     assert torch.allclose(cost, _reference_cost(matcher, logits, masks, labels, tgt, coords), atol=1e-5)
 
 
+def test_cost_matrix_valid_drops_ignored_points():
+    # Per-pixel ignore: the cost equals the reference on the points that land on valid pixels
+    # (the points are pixel centres, so the pixel holding each is known without point_valid).
+    gen = torch.Generator().manual_seed(3)
+    matcher = HungarianMatcher(num_points=300)
+    logits, masks, labels, tgt = _random_image(gen, 5, 3)
+    valid = torch.rand(12, 16, generator=gen) > 0.5  # (H,W)
+    coords = (torch.randint(0, 16, (300,), generator=gen) + 0.5) / 16
+    coords = torch.stack([coords, (torch.randint(0, 12, (300,), generator=gen) + 0.5) / 12], -1)
+    cols, rows = (coords[:, 0] * 16 - 0.5).round().long(), (coords[:, 1] * 12 - 0.5).round().long()
+    keep = valid[rows, cols]
+    cost = matcher.cost_matrix(logits, masks, labels, tgt, coords=coords, valid=valid)
+    assert torch.allclose(cost, _reference_cost(matcher, logits, masks, labels, tgt, coords[keep]), atol=1e-5)
+    assert not torch.allclose(cost, matcher.cost_matrix(logits, masks, labels, tgt, coords=coords), atol=1e-3)
+    # nothing valid: only the class cost is left
+    none = matcher.cost_matrix(logits, masks, labels, tgt, coords=coords, valid=torch.zeros_like(valid))
+    assert torch.allclose(none, -matcher.cost_class * logits.softmax(-1)[:, labels], atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_match_equals_brute_force(seed):
     gen = torch.Generator().manual_seed(100 + seed)

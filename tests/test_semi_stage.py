@@ -175,6 +175,9 @@ def test_semi_loss_splits_reliable_and_unreliable_pixels(monkeypatch):
         assert torch.equal(covered, ~dropped[t])
         for cls, mask in zip(pseudo_targets[t]["labels"], pseudo_targets[t]["masks"]):
             assert torch.equal(mask, (labels_u[0, t] == cls) & ~dropped[t])
+        # unreliable pixels are ignored by the mask losses (U2PL), ground truth has no ignore map
+        assert torch.equal(pseudo_targets[t]["valid"], ~dropped[t])
+        assert "valid" not in gt_targets[t]
         assert torch.equal(gt_targets[t]["masks"].any(0), torch.ones(32, 32, dtype=torch.bool))
 
     # L_c: negatives (high mask) of the unlabelled frames = exactly the dropped pixels, anchors

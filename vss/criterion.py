@@ -15,6 +15,11 @@ details from ``reference/dvis_plus.md`` section 2 ("Loss"):
 - ``num_masks`` = the number of targets in the batch, summed over ranks and divided by the world
   size (the per-rank average, as the original code does: DDP then averages the gradients), at
   least 1;
+- optional per-pixel ignore (not in Mask2Former, whose ignore pixels of ground truth are
+  background for every mask): a target dict may carry ``valid`` (H,W) bool; mask-loss points
+  landing on invalid pixels get weight 0 (BCE averaged over the valid points, dice on them) and
+  the matcher drops them. The semi stage uses it for unreliable pseudo-label pixels (U2PL
+  ignores them in L_u); ground truth never sets it;
 - deep supervision: the same losses on every ``aux_outputs`` entry (keys ``loss_ce_i`` ...),
   weights 2/5/5 already applied; each layer is matched on its own predictions unless guidance
   ``indices`` are given (DVIS++ tracker/refiner "first half of training", sections 3 and 4), in
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vss.distributed import all_reduce_sum, get_world_size
-from vss.matcher import HungarianMatcher, point_sample, uncertain_point_coords
+from vss.matcher import HungarianMatcher, point_sample, point_valid, uncertain_point_coords
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,7 +103,8 @@ class SetCriterion(nn.Module):
         Args:
             outputs: ``pred_logits`` (N,Q,K+1), ``pred_masks`` (N,Q,h,w) and optionally
                 ``aux_outputs``, a list of dicts with the same two keys.
-            targets: N dicts with ``labels`` (M,) int64 in [0, K) and ``masks`` (M,H,W) bool/float.
+            targets: N dicts with ``labels`` (M,) int64 in [0, K), ``masks`` (M,H,W) bool/float
+                and optionally ``valid`` (H,W) bool (False = ignored pixel, see the module doc).
             indices: optional N pairs (q_idx, t_idx) used for every layer instead of matching
                 (guided matching).
 
@@ -120,6 +126,12 @@ class SetCriterion(nn.Module):
         width = max(t["masks"].shape[-1] for t in targets)
         tgt_masks = torch.cat([_pad_to(t["masks"].to(device), height, width) for t in targets])  # (M_all,H,W)
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)  # (N+1,)
+        valid = None
+        if any("valid" in t for t in targets):
+            # images without ``valid`` keep every pixel, padding included (as without ignore)
+            valid = torch.stack([_pad_to(t["valid"].to(device)[None], height, width)[0] if "valid" in t
+                                 else torch.ones(height, width, dtype=torch.bool, device=device)
+                                 for t in targets])  # (N,H,W)
 
         aux = outputs.get("aux_outputs", [])
         layers = [("", outputs)] + [(f"_{i}", out) for i, out in enumerate(aux)]
@@ -133,7 +145,7 @@ class SetCriterion(nn.Module):
             t_idx = torch.cat([t + offsets[i] for i, (_, t) in pairs])  # (M_match,)
             loss_ce = self.loss_labels(out["pred_logits"], all_labels, batch_idx, q_idx, t_idx)
             loss_mask, loss_dice = self.loss_masks(
-                out["pred_masks"], tgt_masks, batch_idx, q_idx, t_idx, num_masks
+                out["pred_masks"], tgt_masks, batch_idx, q_idx, t_idx, num_masks, valid
             )
             losses["loss_ce" + suffix] = self.class_weight * loss_ce
             losses["loss_mask" + suffix] = self.mask_weight * loss_mask
@@ -192,6 +204,7 @@ class SetCriterion(nn.Module):
         q_idx: torch.Tensor,
         t_idx: torch.Tensor,
         num_masks: float,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Point-sampled BCE and dice of all matched masks of the batch at once.
 
@@ -200,6 +213,9 @@ class SetCriterion(nn.Module):
             tgt_masks: (M_all,H,W) bool/float targets of the whole batch.
             batch_idx, q_idx, t_idx: (M_match,) image, query and (batch-wide) target of each match.
             num_masks: normaliser (see ``average_num_masks``).
+            valid: optional (N,H,W) bool, False on ignored pixels: their points get weight 0.
+                The points are still chosen by uncertainty over the whole mask, so a mask with
+                many ignored pixels is supervised at fewer points.
 
         Returns:
             (loss_mask, loss_dice) float32 scalars, each ``sum over matches / num_masks``.
@@ -218,12 +234,18 @@ class SetCriterion(nn.Module):
                 coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
                                                 self.importance_sample_ratio)  # (M_match,P,2)
                 labels = point_sample(tgt, coords)[:, 0]  # (M_match,P)
+                if valid is not None:
+                    weight = point_valid(valid[batch_idx.to(device)], coords).float()  # (M_match,P)
             logits = point_sample(src, coords)[:, 0]  # (M_match,P)
 
             # 2. BCE averaged over points, dice per mask; both summed over masks / num_masks
             bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (M_match,P)
-            loss_mask = bce.mean(1)  # (M_match,)
             probs = logits.sigmoid()  # (M_match,P)
+            if valid is None:
+                loss_mask = bce.mean(1)  # (M_match,)
+            else:
+                loss_mask = (bce * weight).sum(1) / weight.sum(1).clamp_min(1)  # (M_match,)
+                probs, labels = probs * weight, labels * weight
             numerator = 2 * (probs * labels).sum(-1) + 1  # (M_match,)
             loss_dice = 1 - numerator / (probs.sum(-1) + labels.sum(-1) + 1)  # (M_match,)
             return loss_mask.sum() / num_masks, loss_dice.sum() / num_masks

@@ -52,6 +52,25 @@ def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid.to(x.dtype), align_corners=False)[..., 0]  # (N,C,P)
 
 
+def point_valid(valid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Whether each point falls in a valid pixel (per-pixel ignore of the losses and matcher).
+
+    Nearest-pixel lookup rather than ``point_sample``: a point is valid iff the pixel containing
+    it is, also at the image border (bilinear sampling would read the zero padding there).
+
+    Args:
+        valid: (N,H,W) bool, False on ignored pixels.
+        coords: (N,P,2) points as (x, y) in [0, 1] (``point_sample``'s convention).
+
+    Returns:
+        (N,P) bool.
+    """
+    height, width = valid.shape[-2:]
+    ix = (coords[..., 0] * width).long().clamp(0, width - 1)  # (N,P)
+    iy = (coords[..., 1] * height).long().clamp(0, height - 1)  # (N,P)
+    return valid.flatten(1).gather(1, iy * width + ix)
+
+
 @torch.no_grad()
 def uncertain_point_coords(
     logits: torch.Tensor,
@@ -105,7 +124,7 @@ def pairwise_sigmoid_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     Returns:
         (Q,M) mean BCE over the P points.
     """
-    num_points = logits.shape[1]
+    num_points = max(logits.shape[1], 1)  # P = 0 (every point ignored): cost 0
     neg = F.softplus(logits)  # (Q,P) = BCE(x, 0)
     return (neg.sum(1, keepdim=True) - logits @ targets.T) / num_points  # (Q,M)
 
@@ -191,6 +210,7 @@ class HungarianMatcher:
         tgt_labels: torch.Tensor,
         tgt_masks: torch.Tensor,
         coords: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Matching cost of every (query, target) pair of one image.
 
@@ -201,6 +221,10 @@ class HungarianMatcher:
             tgt_masks: (M,H,W) bool or float target masks (any resolution).
             coords: optional (P,2) points in [0, 1] shared by all masks; default: ``num_points``
                 uniform random points (pass them to make the cost deterministic).
+            valid: optional (H,W) bool, False on ignored pixels (unreliable pseudo labels):
+                points landing there (``point_valid``) are dropped from the mask costs.
+                None: every point counts (Mask2Former; ground truth's ignore pixels are then
+                background for every mask).
 
         Returns:
             (Q,M) float32 cost on the predictions' device.
@@ -216,6 +240,8 @@ class HungarianMatcher:
             # The masks go in as channels of one image: with shared points grid_sample computes
             # the interpolation weights once (an order of magnitude faster than Q copies).
             coords = coords.to(device=device, dtype=torch.float32)[None]  # (1,P,2)
+            if valid is not None:
+                coords = coords[:, point_valid(valid.to(device)[None], coords)[0]]  # (1,P',2)
             pred_pts = point_sample(pred_masks.float()[None], coords)[0]  # (Q,P)
             tgt = tgt_masks.to(device=device, dtype=torch.float32)[None]  # (1,M,H,W)
             tgt_pts = point_sample(tgt, coords)[0]  # (M,P)
@@ -242,6 +268,7 @@ class HungarianMatcher:
         tgt_labels: torch.Tensor,
         tgt_masks: torch.Tensor,
         coords: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hungarian matching of one image (see ``cost_matrix`` for the arguments).
 
@@ -252,7 +279,7 @@ class HungarianMatcher:
         if tgt_labels.numel() == 0:
             empty = torch.empty(0, dtype=torch.int64)
             return empty, empty.clone()
-        return self._solve(self.cost_matrix(pred_logits, pred_masks, tgt_labels, tgt_masks, coords))
+        return self._solve(self.cost_matrix(pred_logits, pred_masks, tgt_labels, tgt_masks, coords, valid))
 
     @torch.no_grad()
     def match_batch(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -260,7 +287,8 @@ class HungarianMatcher:
 
         Args:
             outputs: dict with ``pred_logits`` (N,Q,K+1) and ``pred_masks`` (N,Q,h,w).
-            targets: N dicts with ``labels`` (M,) and ``masks`` (M,H,W).
+            targets: N dicts with ``labels`` (M,), ``masks`` (M,H,W) and optionally ``valid``
+                (H,W) bool (see ``cost_matrix``).
 
         Returns:
             N pairs (q_idx, t_idx) as from ``match``.
@@ -268,7 +296,8 @@ class HungarianMatcher:
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"match_batch: {logits.shape[0]} predictions but {len(targets)} targets")
-        return [self.match(logits[i], masks[i], t["labels"], t["masks"]) for i, t in enumerate(targets)]
+        return [self.match(logits[i], masks[i], t["labels"], t["masks"], valid=t.get("valid"))
+                for i, t in enumerate(targets)]
 
     @torch.no_grad()
     def consistent_match(

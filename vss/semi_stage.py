@@ -18,11 +18,12 @@ labelled with one unlabelled batch of the same size):
   end). The filtered label maps become set-loss targets through ``vss.data.clip_targets`` /
   ``per_frame_targets``, exactly like ground truth. That is the Mask2Former way of using pseudo
   labels: U2PL's per-pixel CE needs per-pixel logits, a mask classifier has none, so the pseudo
-  label map itself is the supervision. Reading taken: an unreliable pixel (255) gets no class and
-  belongs to no target mask, just as Mask2Former treats ignore pixels of ground truth; its point
-  samples in the mask BCE / dice therefore count as "outside" every matched mask, so "ignored"
-  means "no positive supervision", not "excluded from the mask losses" (the criterion has no
-  per-pixel ignore, and Mask2Former's own semantic training has none either).
+  label map itself is the supervision. Unreliable pixels (255) get no class, belong to no
+  target mask and are *ignored* by the mask losses and the matcher (``valid`` of
+  ``vss.criterion``: points landing on them get weight 0), as U2PL's CE ignores them
+  (``ignore_index=255``). ``ignore_unreliable=False`` gives Mask2Former's treatment of ignore
+  pixels instead: background for every mask (supervision "not this class" for all classes).
+  Ground-truth ignore pixels of the labelled frames keep Mask2Former's treatment.
 - ``L_c``: U2PL's contrastive loss (``compute_contra_memobank_loss``) with the paper's
   behaviour (per-image one-hot ``official=False``, ``official_pairing=False``,
   ``paper_negatives=True``). Student representations = ``RepresentationHead`` (256-d) on the
@@ -297,9 +298,14 @@ def _take(outputs: dict, sl: slice) -> dict:
     return {**part(outputs), "aux_outputs": [part(a) for a in outputs.get("aux_outputs", [])]}
 
 
-def _frame_targets(labels: Tensor) -> list[dict]:
-    """(B,T,H,W) label maps -> B*T per-frame targets, clip-major (clip_targets, per_frame_targets)."""
-    return [per_frame_targets(clip_targets(clip), t) for clip in labels for t in range(labels.shape[1])]
+def _frame_targets(labels: Tensor, ignore: bool = False) -> list[dict]:
+    """(B,T,H,W) label maps -> B*T per-frame targets, clip-major (clip_targets, per_frame_targets);
+    ``ignore``: each target also gets ``valid`` = (label != 255), the criterion's per-pixel ignore."""
+    targets = [per_frame_targets(clip_targets(clip), t) for clip in labels for t in range(labels.shape[1])]
+    if ignore:
+        for target, frame in zip(targets, labels.flatten(0, 1)):
+            target["valid"] = frame != IGNORE  # (H,W)
+    return targets
 
 
 class SemiLoss(nn.Module):
@@ -321,13 +327,16 @@ class SemiLoss(nn.Module):
             class 0 included, gets this size: U2PL's 50000 for class 0 is for Pascal /
             Cityscapes' dominant background class.
         contrastive: ``ContrastiveConfig`` (U2PL's defaults).
+        ignore_unreliable: unreliable (and padding) pixels of the pseudo labels are excluded
+            from L_u's mask losses and matching (U2PL); False: background for every mask.
     """
 
     def __init__(self, criterion: nn.Module, student: SemiStudent, num_classes: int, *,
                  unsup_weight: float = 1.0, contrastive_weight: float = 0.1, drop_base: float = 80.0,
                  alpha_base: float = 20.0, ema_max_decay: float = 0.99, queue_size: int = 30000,
-                 contrastive: ContrastiveConfig | None = None):
+                 contrastive: ContrastiveConfig | None = None, ignore_unreliable: bool = True):
         super().__init__()
+        self.ignore_unreliable = ignore_unreliable
         self.criterion = criterion
         self.teacher = EMATeacher(student)
         self.num_classes = num_classes
@@ -375,7 +384,8 @@ class SemiLoss(nn.Module):
         # L_u: reliable pseudo labels as set-loss targets
         flat_u, flat_e = labels_u.flatten(0, 1), entropy_u.flatten(0, 1)  # (Nu,H,W)
         reliable = pseudo_label_targets(flat_u, flat_e, drop_percent(progress, self.drop_base))  # (Nu,H,W)
-        unsup = self.criterion(_take(out, slice(n_l, None)), _frame_targets(reliable.view_as(labels_u)))
+        unsup = self.criterion(_take(out, slice(n_l, None)),
+                               _frame_targets(reliable.view_as(labels_u), self.ignore_unreliable))
         losses.update({f"unsup_{k}": self.unsup_weight * v for k, v in unsup.items()})
         # L_c: anchors / prototypes from reliable pixels, negatives from unreliable ones
         prob_t, rep_t = self.teacher(images)  # (N,K,h,w), (N,256,h,w)

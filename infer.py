@@ -294,23 +294,29 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
         dict(labels (T,H0,W0) int64, probs (T,K,H0,W0) float32 or None), on the CPU.
     """
     out_size = tuple(images.shape[1:3])
-    frames = normalize(resize_short_side(images, member.test_size), member.cfg.data)  # (T,3,h,w)
-    frames = frames.to(opts.device)
     num_classes = member.cfg.model.num_classes
     if opts.tta is None:
-        out = predict_video(member.model, frames, out_size, return_probs=need_probs,
+        frames = normalize(resize_short_side(images, member.test_size), member.cfg.data)  # (T,3,h,w)
+        out = predict_video(member.model, frames.to(opts.device), out_size, return_probs=need_probs,
                             autocast_dtype=opts.amp_dtype)
     else:
-        # Every view is predicted straight at the original size, so one view at scale 1 without
-        # flip is exactly the plain prediction (no second resize). predict_video pads to its
-        # size divisibility itself, so the views keep the exact scaled size.
+        # Every view is made from the original frames (short side = scale x the test size, as
+        # multi-scale tests resize the original image) and predicted straight at the original
+        # size, so one view at scale 1 without flip is exactly the plain prediction.
+        # predict_video pads to its size divisibility itself, so views keep the scaled size.
+        base = member.test_size or min(out_size)
+
+        def view_frames(scale: float) -> torch.Tensor:  # (T,3,h,w) at scale x the test size
+            size = max(1, round(base * scale))
+            return normalize(resize_short_side(images, size), member.cfg.data).to(opts.device)
+
         def predict_fn(view: torch.Tensor) -> torch.Tensor:  # (T,3,h,w) -> (T,K,H0,W0)
             out = predict_video(member.model, view, out_size, return_probs=True,
                                 autocast_dtype=opts.amp_dtype)
             return out["probs"]
 
         merge = "mean" if need_probs else opts.tta["merge"]
-        out = run_tta(predict_fn, frames, num_classes=num_classes, scales=opts.tta["scales"],
+        out = run_tta(predict_fn, view_frames, num_classes=num_classes, scales=opts.tta["scales"],
                       flip=opts.tta["flip"], merge=merge, out_size=out_size)
     probs = out["probs"].float().cpu() if need_probs else None
     return {"labels": out["labels"].cpu(), "probs": probs}

@@ -129,10 +129,11 @@ def _pngs(out: Path, video: str) -> np.ndarray:
     return np.stack([read_label_png(p) for p in sorted((out / video).glob("*.png"))])
 
 
-def _resized(images: np.ndarray) -> np.ndarray:
-    """Short side 48 -> TEST_SIZE, computed here independently of vss.engine."""
-    w = round(W0 * TEST_SIZE / H0)
-    return np.stack([cv2.resize(f, (w, TEST_SIZE), interpolation=cv2.INTER_LINEAR) for f in images])
+def _resized(images: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Short side 48 -> round(scale * TEST_SIZE), computed here independently of vss.engine."""
+    h = round(TEST_SIZE * scale)
+    w = round(W0 * h / H0)
+    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in images])
 
 
 @functools.lru_cache(maxsize=4)
@@ -145,12 +146,10 @@ def _load(ckpt: Path):
 
 
 def _view_probs(ckpt: Path, images: np.ndarray, scale: float = 1.0, flip: bool = False) -> torch.Tensor:
-    """(T,K,H0,W0) probabilities of one TTA view, built by hand."""
+    """(T,K,H0,W0) probabilities of one TTA view, built by hand: the original frames resized to
+    scale x the test size (not the test-size frames resized again)."""
     model, cfg = _load(ckpt)
-    x = normalize(_resized(images), cfg.data)  # (T,3,40,53)
-    if scale != 1.0:
-        x = F.interpolate(x, size=(round(x.shape[2] * scale), round(x.shape[3] * scale)), mode="bilinear",
-                          align_corners=False)
+    x = normalize(_resized(images, scale), cfg.data)  # (T,3,h,w), (40,53) at scale 1
     probs = predict_video(model, x.flip(-1) if flip else x, images.shape[1:3], return_probs=True)["probs"]
     return probs.flip(-1) if flip else probs
 

@@ -139,6 +139,34 @@ def test_run_tta_mean_equals_hand_average():
     assert torch.allclose(out["probs"].sum(1), torch.ones(t, h, w), atol=1e-5)
 
 
+def test_run_tta_with_a_view_function():
+    """frames as a function scale -> frames (infer.py: the original frames resized per scale):
+    called once per scale (the flipped view reuses it), views merged at out_size."""
+    t, k, out_size = 2, 4, (15, 20)
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(t, 3, 30, 40, generator=g)
+    calls = []
+
+    def view_frames(scale):
+        calls.append(scale)
+        size = (round(15 * scale), round(20 * scale))
+        return F.interpolate(source, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    predict = _pixelwise_predict(k)
+    out = run_tta(predict, view_frames, num_classes=k, scales=(1.0, 1.2), merge="mean", out_size=out_size)
+    assert calls == [1.0, 1.2]
+    total = torch.zeros(t, k, *out_size)
+    for s in (1.0, 1.2):
+        x = view_frames(s)
+        for flip in (False, True):
+            p = predict(x.flip(-1) if flip else x)
+            p = p.flip(-1) if flip else p
+            total += F.interpolate(p, size=out_size, mode="bilinear", align_corners=False)
+    assert torch.allclose(out["probs"], total / 4, atol=1e-5)
+    with pytest.raises(ValueError, match="out_size"):
+        run_tta(predict, view_frames, num_classes=k)
+
+
 def test_flip_is_undone():
     """Frames whose content depends on x (a ramp): a flipped view, un-flipped, must equal the
     unflipped view; forgetting to un-flip would mirror the prediction."""

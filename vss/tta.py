@@ -3,9 +3,14 @@ per-pixel voting (MVC paper section 2.4, eq. 8) or by averaging class probabilit
 ViT-Adapter multi-scale/flip test used for the U2PL paper's pseudo labels; reference/u2pl.md
 section 4).
 
-A view is (scale, flip). For each view the normalised frames (T,3,H,W) are resized bilinearly
-(align_corners=False) to round(H*s) x round(W*s) -- optionally rounded *up* to a multiple of
-``size_divisibility``, as mmseg's ResizeToMultiple does -- flipped if asked, passed to
+A view is (scale, flip). For each view the frames at scale s are made -- by the caller's
+``frames(s)`` function, which should resize the *original* frames to s times the inference size,
+as mmseg's / detectron2's multi-scale tests resize the original image for every scale (infer.py
+does); or, given a tensor (T,3,H,W) of normalised frames, by resizing it bilinearly
+(align_corners=False) to round(H*s) x round(W*s), optionally rounded *up* to a multiple of
+``size_divisibility`` as mmseg's ResizeToMultiple does (upsampling already-resized frames
+blurs the larger views: on CamVid that cost a stage-1 model 4.6 mIoU points at s = 1.2) --
+flipped if asked, passed to
 ``predict_fn`` (the whole video at once, because the tracker/refiner need every frame), and the
 returned probabilities (T,K,h,w) are un-flipped and resized back to (H,W) bilinearly (or to
 an ``out_size``, e.g. the original video size, so that views are merged at full resolution).
@@ -119,19 +124,19 @@ def vote(labels: torch.Tensor, priority: Sequence[int]) -> torch.Tensor:
     return labels.gather(0, winner).squeeze(0).long()  # (...)
 
 
-def _predict_view(
-    predict_fn: PredictFn,
-    frames: torch.Tensor,
-    view: View,
-    size_divisibility: int,
-    num_classes: int,
-) -> torch.Tensor:
-    """Probabilities of one view at the view's resolution, un-flipped: (T,K,h,w)."""
-    t, _, height, width = frames.shape
-    h, w = view_size(height, width, view.scale, size_divisibility)
-    x = frames
-    if (h, w) != (height, width):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)  # (T,3,h,w)
+def _scaled(frames: torch.Tensor, scale: float, size_divisibility: int) -> torch.Tensor:
+    """The tensor frames (T,3,H,W) resized by ``scale`` (see the module docstring)."""
+    height, width = frames.shape[-2:]
+    h, w = view_size(height, width, scale, size_divisibility)
+    if (h, w) == (height, width):
+        return frames
+    return F.interpolate(frames, size=(h, w), mode="bilinear", align_corners=False)  # (T,3,h,w)
+
+
+def _predict_view(predict_fn: PredictFn, x: torch.Tensor, view: View, num_classes: int) -> torch.Tensor:
+    """Probabilities of one view from its frames x (T,3,h,w) at the view's scale, un-flipped:
+    (T,K,h',w')."""
+    t = x.shape[0]
     if view.flip:
         x = x.flip(-1)
     with torch.no_grad():
@@ -154,7 +159,7 @@ def _predict_view(
 
 def run_tta(
     predict_fn: PredictFn,
-    frames: torch.Tensor,
+    frames: torch.Tensor | Callable[[float], torch.Tensor],
     *,
     num_classes: int,
     scales: Sequence[float] = (0.9, 1.0, 1.1, 1.2),
@@ -174,13 +179,16 @@ def run_tta(
     Args:
         predict_fn: frames (T,3,h,w) normalised -> probabilities (T,K,h',w') summing to 1 over K.
             The output may be at any resolution (e.g. stride 4); it is resized to (H0,W0).
-        frames: (T,3,H,W) float normalised frames of one video.
+        frames: (T,3,H,W) float normalised frames of one video, resized here for every scale; or
+            a function scale -> (T,3,h,w) normalised frames at that scale (preferred: from the
+            original frames, see the module docstring), called once per scale.
         num_classes: K.
         scales: view scales; flip: add flipped views (``tta_views``).
         merge: "vote" (MVC paper, eq. 8) or "mean" (probability average, U2PL / ViT-Adapter).
-        size_divisibility: if > 1, view sizes are rounded up to a multiple of it.
+        size_divisibility: if > 1, view sizes are rounded up to a multiple of it (tensor frames).
         out_size: (H0,W0) the per-view probabilities are resized to and merged at, e.g. the
-            original video size when ``frames`` were resized for inference; None = (H,W).
+            original video size when ``frames`` were resized for inference; None = (H,W) of
+            tensor frames (required with a function).
         chunk_frames: frames resized back / merged at a time.
 
     Returns:
@@ -189,28 +197,41 @@ def run_tta(
     """
     if merge not in ("vote", "mean"):
         raise ValueError(f"run_tta: merge must be 'vote' or 'mean', got {merge!r}")
-    if frames.dim() != 4 or frames.shape[1] != 3:
-        raise ValueError(f"run_tta: frames must be (T,3,H,W), got {tuple(frames.shape)}")
+    if callable(frames):
+        make_view = frames
+        if out_size is None:
+            raise ValueError("run_tta: out_size is required when frames is a function")
+    else:
+        if frames.dim() != 4 or frames.shape[1] != 3:
+            raise ValueError(f"run_tta: frames must be (T,3,H,W), got {tuple(frames.shape)}")
+        tensor = frames
+
+        def make_view(scale: float) -> torch.Tensor:
+            return _scaled(tensor, scale, size_divisibility)
     if num_classes < 1 or chunk_frames < 1:
         raise ValueError(
             f"run_tta: num_classes ({num_classes}) and chunk_frames ({chunk_frames}) must be >= 1"
         )
     views = tta_views(scales, flip)
-    t = frames.shape[0]
     height, width = out_size if out_size is not None else frames.shape[-2:]
     label_dtype = torch.uint8 if num_classes <= 256 else torch.int16
-    view_labels = None
-    prob_sum = None
-    if merge == "vote":
-        view_labels = torch.empty((len(views), t, height, width), dtype=label_dtype)  # (V,T,H0,W0)
-    else:
-        prob_sum = torch.zeros((t, num_classes, height, width), dtype=torch.float32)  # (T,K,H0,W0)
+    view_labels = None  # vote: (V,T,H0,W0) labels
+    prob_sum = None  # mean: (T,K,H0,W0) running sum
 
+    x, x_scale = None, None
     for v, view in enumerate(views):
-        probs = _predict_view(predict_fn, frames, view, size_divisibility, num_classes)  # (T,K,h,w)
+        if view.scale != x_scale:  # the flipped view of a scale reuses its frames
+            x = None  # free the previous scale's frames before making the next
+            x, x_scale = make_view(view.scale), view.scale  # (T,3,h,w)
+        probs = _predict_view(predict_fn, x, view, num_classes)  # (T,K,h',w')
+        t = probs.shape[0]
+        if v == 0 and merge == "vote":
+            view_labels = torch.empty((len(views), t, height, width), dtype=label_dtype)
+        elif v == 0:
+            prob_sum = torch.zeros((t, num_classes, height, width), dtype=torch.float32)
         for start in range(0, t, chunk_frames):
             part = slice(start, start + chunk_frames)
-            chunk = probs[part].float()  # (t',K,h,w)
+            chunk = probs[part].float()  # (t',K,h',w')
             if chunk.shape[-2:] != (height, width):
                 size = (height, width)
                 chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
@@ -220,6 +241,7 @@ def run_tta(
             else:
                 prob_sum[part] += chunk.cpu()  # (t',K,H0,W0)
         del probs
+    del x
 
     if merge == "mean":
         prob_sum /= len(views)

@@ -12,7 +12,9 @@ Steps (each skipped when its output exists, so the script resumes after an inter
      predictions are the "teacher + student ensemble" row;
   3. semi: ``train.py --stage semi --init STUDENT --pseudo ... --unlabeled-split val`` (U2PL
      losses, EMA teacher, memory bank), --budget-semi CPU-minutes;
-  4. every model on val with and without TTA, and the final ensemble (teacher + semi student).
+  4. ablation: the student fine-tuned on the labelled clips alone, same LR schedule and number of
+     steps as the semi run (how much of the gain is just more training);
+  5. every model on val with and without TTA, and the final ensemble (teacher + semi student).
 Prints the table as markdown and writes OUT/results.json. Training budgets are CPU time of the
 training process (one thread each), as in ``run_camvid.py``.
 """
@@ -91,7 +93,14 @@ def main() -> None:
                              "--init", str(student), "--pseudo", str(pseudo), "--unlabeled-split", "val",
                              "--lr", str(args.lr_semi)), semi.parent)])
 
-    # 4. the semi student alone and in the final ensemble
+    # 4. ablation: as many supervised-only steps with the same schedule
+    steps = json.loads((semi.parent / "log.jsonl").read_text().splitlines()[-1])["step"]
+    supervised = args.out / "supervised_ft" / "last.pt"
+    run_parallel([(train_cmd(args, supervised.parent, args.budget_semi, args.iters_semi, "--init", str(student),
+                             "--stop-at", str(steps), "--lr", str(args.lr_semi)), supervised.parent)])
+    table["supervised_ft"] = predict_and_score(args, "supervised_ft", ["--checkpoint", str(supervised)])
+
+    # 5. the semi student alone and in the final ensemble
     table["semi"] = predict_and_score(args, "semi", ["--checkpoint", str(semi)])
     table["semi_tta"] = predict_and_score(args, "semi_tta", ["--checkpoint", str(semi), *TTA])
     table["ensemble_semi_tta"] = predict_and_score(

@@ -83,6 +83,14 @@ def predict_and_score(args, name: str, infer_args: list[str]) -> dict:
     return result
 
 
+def write_table(table: dict, path: Path) -> None:
+    """Save the results as JSON and print them as a markdown table."""
+    path.write_text(json.dumps(table, indent=1))
+    print("| run | mIoU | VC8 | VC16 | frames/s |\n|---|---|---|---|---|")
+    for name, r in table.items():
+        print(f"| {name} | {r['mIoU']:.3f} | {r['VC8']:.3f} | {r['VC16']:.3f} | {r['fps']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "camvid_vspw")
@@ -126,10 +134,7 @@ def main() -> None:
             table[f"tta_{key}"] = predict_and_score(args, f"tta_{key}", ["--checkpoint", final, "--tta", *merge, *extra])
     table["aggregate"] = predict_and_score(
         args, "aggregate", ["--aggregate", str(runs[True]["refiner"] / "last.pt"), str(runs[False]["refiner"] / "last.pt")])
-    (args.out / "results.json").write_text(json.dumps(table, indent=1))
-    print("| run | mIoU | VC8 | VC16 | frames/s |\n|---|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['mIoU']:.3f} | {r['VC8']:.3f} | {r['VC16']:.3f} | {r['fps']:.2f} |")
+    write_table(table, args.out / "results.json")
 
 
 if __name__ == "__main__":

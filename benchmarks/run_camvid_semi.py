@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from run_camvid import REPO, predict_and_score, run_parallel
+from run_camvid import REPO, predict_and_score, run_parallel, write_table
 
 sys.path.insert(0, str(REPO))
 from vss.config import tiny  # noqa: E402
@@ -105,10 +105,7 @@ def main() -> None:
     table["semi_tta"] = predict_and_score(args, "semi_tta", ["--checkpoint", str(semi), *TTA])
     table["ensemble_semi_tta"] = predict_and_score(
         args, "ensemble_semi_tta", ["--ensemble", str(teacher), str(semi), *TTA])
-    (args.out / "results.json").write_text(json.dumps(table, indent=1))
-    print("| run | mIoU | VC8 | VC16 | frames/s |\n|---|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['mIoU']:.3f} | {r['VC8']:.3f} | {r['VC16']:.3f} | {r['fps']:.2f} |")
+    write_table(table, args.out / "results.json")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
         [--student runs/camvid/segmenter/last.pt]
 
 Steps (each skipped when its output exists, so the script resumes after an interruption):
-  1. teacher: the student's config with a bigger backbone (ResNet-34 instead of ResNet-18),
-     trained on train from scratch for --budget-teacher CPU-minutes;
+  1. teacher: the tiny preset (the student's) with a bigger backbone (ResNet-34 instead of
+     ResNet-18), trained on train from scratch for --budget-teacher CPU-minutes;
      student: --student (stage 1 of ``run_camvid.py``), or trained here like it when absent;
   2. pseudo labels of the val videos (used without their labels, as the paper uses the test
      videos): ``infer.py --ensemble TEACHER STUDENT --tta --tta-merge mean --save-probs``; the same

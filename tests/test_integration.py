@@ -243,12 +243,12 @@ def test_stage3_flickers_less_than_stage1():
 
     Variants tried to make the effect robust (stage 1 -> stage 3 VC8, same budget), none enough:
     colour instead of grey frames (+0.001, -0.004, +0.009 on seeds 0-2, and stage 3 loses 0.10
-    mIoU on seed 1); 3x longer stage-3 training (-0.003, -0.001, +0.002); grey-level or noisy objects in some held-out frames (stage 3
-    drops exactly as much as stage 1 on those frames: its masks are dot products with the
-    segmenter's per-frame mask features, which change with the frame's appearance); a class
-    ambiguous per frame but fixed per video (grass labelled as one of two classes, chosen per
-    video): -0.002 to +0.052 over 7 runs, stage 2 up to +0.054. Measured over 64x96
-    frames, 88 % of stage 1's inconsistent pixels lie within 3 px of a ground-truth edge.
+    mIoU on seed 1); 3x longer stage-3 training (-0.003, -0.001, +0.002); grey-level or noisy
+    objects in some held-out frames (stage 3 drops exactly as much as stage 1 on those frames:
+    its masks are dot products with the segmenter's per-frame mask features, which change with
+    the frame's appearance); a class ambiguous per frame but fixed per video (grass labelled as
+    one of two classes, chosen per video): -0.002 to +0.052 over 7 runs, stage 2 up to +0.054.
+    At 64x96, 88 % of stage 1's inconsistent pixels lie within 3 px of a ground-truth edge.
     """
     stage1, stage2, stage3, held_out, seconds = train_three_stages(FLICKER_SEED)
     for name, param in stage1.segmenter.state_dict().items():

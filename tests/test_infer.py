@@ -71,16 +71,6 @@ def _save(path: Path, model, cfg: Config) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: on a shared, loaded CPU torch's thread hand-offs make these tests 10-20x
-    # slower with 2+ threads. Restored afterwards for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     # named "synthetic" so that VSS_DATA=<parent> makes it the embedded default dataset

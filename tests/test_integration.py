@@ -27,15 +27,6 @@ from vss.video_model import build_video_model, load_previous_stage, predict_vide
 NUM_CLASSES = 6  # sky, grass, road, car, person, ball
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run single-threaded (the machine is shared) and restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def render(seed, frames: int, height: int, width: int, data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """One synthetic video: normalised frames (T,3,H,W) and train-id labels (T,H,W) int64."""
     images, raw = render_video(seed, frames=frames, height=height, width=width, num_classes=NUM_CLASSES)

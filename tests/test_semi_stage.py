@@ -31,7 +31,6 @@ from vss.synthetic import render_dataset  # noqa: E402
 from vss.video_model import build_video_model  # noqa: E402
 from helpers import free_port, write_ddp_train_wrapper
 
-torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 K = 5
 

@@ -223,7 +223,6 @@ def test_default_data_is_the_embedded_synthetic_set(setup, tmp_path):
 # Video stages, --init, time budget, extra image datasets, config defaults
 # --------------------------------------------------------------------------------------------
 
-torch.set_num_threads(1)  # the in-process runs below
 
 
 def _keys(state: dict, module: str) -> list[str]:

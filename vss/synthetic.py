@@ -206,7 +206,8 @@ class _Scene:
             else:
                 x = cx0 + rng.uniform(0.1, 0.9) * self.w
                 vx = rng.uniform(-1, 1) * speed
-            y = cy0 + rng.uniform(0.35, 0.9) * self.h if kind not in ("bird",) else cy0 + rng.uniform(0.05, 0.35) * self.h
+            low, high = (0.05, 0.35) if kind == "bird" else (0.35, 0.9)  # birds fly, the rest stand
+            y = cy0 + rng.uniform(low, high) * self.h
             colour = self.colour.get(kind, np.array(OTHERS_COLOUR, np.float32)) + rng.uniform(-20, 20, 3)
             self.objects.append(_Object(
                 kind=kind, cls=self.cls.get(kind, -1), colour=np.clip(colour, 0, 255), x=x, y=y, vx=vx,

@@ -278,6 +278,11 @@ def _two_rank_worker(rank: int, world: int, port: int, out_dir: str, data_root: 
         torch.save({"nan": result, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         vd.cleanup()
+    # Everything is saved; skip the interpreter's shutdown. In about 1 run in 12, rank 1 (the
+    # NaN rank, whose DDP forward had no backward) aborted there, after destroy_process_group
+    # ("terminate called without an active exception", SIGABRT from a C++ destructor); with
+    # os._exit, 0 failures in 30 runs.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

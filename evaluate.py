@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from vss.data import atomic_path, decode_png, list_frames, load_class_names, read_label_png, read_split, shift_labels
+from vss.io import (atomic_path, decode_png, list_frames, load_class_names, read_label_png, read_split, shift_labels)
 from vss.metrics import DatasetStats, VideoStats, summarize
 
 REPO = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
     """Read a prediction PNG as (H,W) integer class ids.
 
     Palette PNGs give their indices through PIL (cv2 would expand them to colours); grey 8/16-bit
-    PNGs are decoded by cv2 (``vss.data.decode_png``). Colour images are refused: their values
+    PNGs are decoded by cv2 (``vss.io.decode_png``). Colour images are refused: their values
     are not class ids. The array may be read-only (a palette PNG's, to save a copy).
 
     Raises:
@@ -79,7 +79,7 @@ def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, 
         The finished VideoStats.
     Raises:
         FileNotFoundError / ValueError naming the file or video (see ``read_prediction_png``,
-        ``VideoStats.update``, ``vss.data.list_frames``).
+        ``VideoStats.update``, ``vss.io.list_frames``).
     """
     masks = list_frames(gt_root / "data" / video, kind="mask")
     if not (pred_dir / video).is_dir():

@@ -55,8 +55,8 @@ from tqdm import tqdm
 from vss.aggregate import aggregate_prediction_dirs, choose_per_video
 from vss.checkpoint import load_checkpoint
 from vss.config import Config
-from vss.data import (DEFAULT_FPS, IMAGE_EXTS, atomic_path, default_palette, iter_eval_videos,
-                      load_class_names, normalize, read_frame, read_video, write_label_png, write_video)
+from vss.data import normalize
+from vss.io import (atomic_path, DEFAULT_FPS, default_palette, IMAGE_EXTS, iter_eval_videos, load_class_names, read_frame, read_video, write_label_png, write_video)
 from vss.engine import resize_short_side
 from vss.semi import pixel_entropy
 from vss.tta import run_tta, tta_views

@@ -99,8 +99,8 @@ from vss.backbone import load_backbone_weights
 from vss.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vss.config import PRESETS, Config, get_preset
 from vss.criterion import SetCriterion
-from vss.data import (IGNORE, VSPWDataset, collate_clips, default_palette, iter_eval_videos,
-                      load_class_names)
+from vss.data import collate_clips, VSPWDataset
+from vss.io import default_palette, IGNORE, iter_eval_videos, load_class_names
 from vss.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier,
                              broadcast_buffers, cleanup, get_rank, init_distributed, is_main,
                              print0)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import evaluate as ev  # noqa: E402
-from vss.data import list_frames, read_label_png, read_split, shift_labels, write_label_png  # noqa: E402
+from vss.io import list_frames, read_label_png, read_split, shift_labels, write_label_png  # noqa: E402
 
 K = 124
 H, W = 480, 854

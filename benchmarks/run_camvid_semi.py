@@ -30,7 +30,7 @@ from run_camvid import REPO, predict_and_score, run_parallel, write_table
 
 sys.path.insert(0, str(REPO))
 from vss.config import tiny  # noqa: E402
-from vss.data import load_class_names  # noqa: E402
+from vss.io import load_class_names  # noqa: E402
 
 TTA = ["--tta", "--tta-merge", "mean"]  # scales 0.9-1.2 + flips (infer.py defaults), U2PL's mean
 

@@ -13,7 +13,7 @@ from vss.aggregate import (
     temporal_ssim,
     warp_labels,
 )
-from vss.data import read_label_png, write_label_png
+from vss.io import read_label_png, write_label_png
 
 T, H, W, SIDE, STEP, X0, Y0 = 5, 64, 96, 24, 4, 16, 20
 

@@ -1,4 +1,5 @@
-"""vss/data.py: VSPW layout, label shift, clip sampling, transforms, targets, collate, I/O."""
+"""vss/io.py (VSPW layout, label shift, PNG/JPEG/video I/O) and vss/data.py (clip sampling,
+transforms, targets, collate, the training dataset)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from vss import data as D
+from vss import io as vio
 from vss.config import DataConfig
 
 # Colours far apart in RGB, so a pixel's class can be read back from its colour.
@@ -58,12 +60,12 @@ def make_dataset(root: Path, videos: dict[str, int], size=(40, 48), num_classes=
 def test_shift_labels_every_value():
     raw = np.arange(256, dtype=np.uint8).reshape(16, 16)
     want = np.array([255 if v in (0, 255) else v - 1 for v in range(256)], np.uint8).reshape(16, 16)
-    got = D.shift_labels(raw)
+    got = vio.shift_labels(raw)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, want)
-    assert D.shift_labels(np.array([0, 1, 124, 125, 254, 255], np.uint8)).tolist() == [255, 0, 123, 124, 253, 255]
+    assert vio.shift_labels(np.array([0, 1, 124, 125, 254, 255], np.uint8)).tolist() == [255, 0, 123, 124, 253, 255]
     with pytest.raises(ValueError):
-        D.shift_labels(np.array([1, 2], np.int64))
+        vio.shift_labels(np.array([1, 2], np.int64))
 
 
 # ---------------------------------------------------------------------------- split files
@@ -71,14 +73,14 @@ def test_shift_labels_every_value():
 
 def test_read_split_newlines_and_errors(tmp_path):
     (tmp_path / "a.txt").write_text("v1\nv2\n\nv3")  # no final newline: v3 must stay whole
-    assert D.read_split(tmp_path, "a") == ["v1", "v2", "v3"]
+    assert vio.read_split(tmp_path, "a") == ["v1", "v2", "v3"]
     (tmp_path / "b.txt").write_text("v1\r\nv2\n\n")
-    assert D.read_split(tmp_path, "b") == ["v1", "v2"]
+    assert vio.read_split(tmp_path, "b") == ["v1", "v2"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="empty.txt"):
-        D.read_split(tmp_path, "empty")
+        vio.read_split(tmp_path, "empty")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing.txt")):
-        D.read_split(tmp_path, "missing")
+        vio.read_split(tmp_path, "missing")
 
 
 # ---------------------------------------------------------------------------- frames, PNGs
@@ -87,12 +89,12 @@ def test_read_split_newlines_and_errors(tmp_path):
 def test_list_frames_sorted_and_errors(tmp_path):
     (tmp_path / "v" / "origin").mkdir(parents=True)
     with pytest.raises(ValueError, match=str(tmp_path / "v" / "origin")):
-        D.list_frames(tmp_path / "v")
+        vio.list_frames(tmp_path / "v")
     with pytest.raises(FileNotFoundError, match="mask"):
-        D.list_frames(tmp_path / "v", "mask")
+        vio.list_frames(tmp_path / "v", "mask")
     for n in ["00010.jpg", "00002.jpg", "notes.txt", "00001.png"]:
         (tmp_path / "v" / "origin" / n).write_bytes(b"x")
-    assert [p.name for p in D.list_frames(tmp_path / "v")] == ["00001.png", "00002.jpg", "00010.jpg"]
+    assert [p.name for p in vio.list_frames(tmp_path / "v")] == ["00001.png", "00002.jpg", "00010.jpg"]
 
 
 def test_label_png_round_trip_and_encodings(tmp_path, monkeypatch):
@@ -102,42 +104,42 @@ def test_label_png_round_trip_and_encodings(tmp_path, monkeypatch):
         assert not isinstance(fp, (str, os.PathLike)), f"PIL reads {fp} again"
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(D.Image, "open", open_bytes_only)
+    monkeypatch.setattr(vio.Image, "open", open_bytes_only)
     rng = np.random.default_rng(0)
     lab = rng.integers(0, 11, (13, 17)).astype(np.uint8)
     lab[0, :] = 255
     pal = rng.integers(0, 256, (11, 3)).astype(np.uint8)
     path = tmp_path / "deep" / "dir" / "x.png"
-    D.write_label_png(path, lab, pal)
-    np.testing.assert_array_equal(D.read_label_png(path), lab)
-    assert D.read_label_png(path).flags.writeable  # PIL's buffer is wrapped read-only inside
+    vio.write_label_png(path, lab, pal)
+    np.testing.assert_array_equal(vio.read_label_png(path), lab)
+    assert vio.read_label_png(path).flags.writeable  # PIL's buffer is wrapped read-only inside
     with real_open(path) as im:
         assert im.mode == "P"
         np.testing.assert_array_equal(np.array(im.getpalette()[:33]).reshape(11, 3), pal)
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temp file left behind
     # grey PNG: values; colour PNG: the red channel (DVIS++ reads RGB and takes channel 0)
     cv2.imwrite(str(tmp_path / "g.png"), lab)
-    np.testing.assert_array_equal(D.read_label_png(tmp_path / "g.png"), lab)
+    np.testing.assert_array_equal(vio.read_label_png(tmp_path / "g.png"), lab)
     rgb = np.stack([lab, lab // 2 + 1, lab // 3 + 2], -1)
     cv2.imwrite(str(tmp_path / "c.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    np.testing.assert_array_equal(D.read_label_png(tmp_path / "c.png"), lab)
+    np.testing.assert_array_equal(vio.read_label_png(tmp_path / "c.png"), lab)
 
 
 def test_corrupt_files_name_the_file(tmp_path):
     good = tmp_path / "good.png"
-    D.write_label_png(good, np.zeros((20, 20), np.uint8))
+    vio.write_label_png(good, np.zeros((20, 20), np.uint8))
     bad = tmp_path / "bad.png"
     bad.write_bytes(good.read_bytes()[:40])  # truncated palette PNG
     with pytest.raises(ValueError, match="bad.png"):
-        D.read_label_png(bad)
+        vio.read_label_png(bad)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match="junk.png"):
-        D.read_label_png(junk)
+        vio.read_label_png(junk)
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        D.read_label_png(tmp_path / "nope.png")
+        vio.read_label_png(tmp_path / "nope.png")
     with pytest.raises(ValueError, match="junk.png"):
-        D.read_frame(junk)
+        vio.read_frame(junk)
 
 
 def test_atomic_writes_get_umask_permissions_and_keep_old_file_on_error(tmp_path):
@@ -146,15 +148,15 @@ def test_atomic_writes_get_umask_permissions_and_keep_old_file_on_error(tmp_path
     old_umask = os.umask(0o027)
     try:
         path = tmp_path / "x.png"
-        D.write_label_png(path, np.zeros((3, 4), np.uint8))
+        vio.write_label_png(path, np.zeros((3, 4), np.uint8))
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
-        D.write_video(tmp_path / "v.mp4", [np.zeros((16, 16, 3), np.uint8)] * 2)
+        vio.write_video(tmp_path / "v.mp4", [np.zeros((16, 16, 3), np.uint8)] * 2)
         assert stat.S_IMODE((tmp_path / "v.mp4").stat().st_mode) == 0o640
     finally:
         os.umask(old_umask)
     before = path.read_bytes()
     with pytest.raises(KeyboardInterrupt):
-        with D.atomic_path(path) as tmp:
+        with vio.atomic_path(path) as tmp:
             tmp.write_bytes(b"half a file")
             raise KeyboardInterrupt
     assert path.read_bytes() == before
@@ -162,15 +164,15 @@ def test_atomic_writes_get_umask_permissions_and_keep_old_file_on_error(tmp_path
 
 
 def test_load_class_names(tmp_path):
-    names, pal = D.load_class_names(tmp_path)  # no classes.json: the 124 VSPW classes
+    names, pal = vio.load_class_names(tmp_path)  # no classes.json: the 124 VSPW classes
     assert len(names) == 124 and names[0] == "wall" and names[28] == "sky" and pal.shape == (124, 3)
     assert len({tuple(c) for c in pal}) == 124
     (tmp_path / "classes.json").write_text(json.dumps({"classes": ["a", "b"], "palette": [[1, 2, 3], [4, 5, 6]]}))
-    names, pal = D.load_class_names(tmp_path)
+    names, pal = vio.load_class_names(tmp_path)
     assert names == ["a", "b"] and pal.tolist() == [[1, 2, 3], [4, 5, 6]]
     (tmp_path / "classes.json").write_text(json.dumps({"classes": ["a", "b"], "palette": [[1, 2, 3]]}))
     with pytest.raises(ValueError, match="classes.json"):
-        D.load_class_names(tmp_path)
+        vio.load_class_names(tmp_path)
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -210,17 +212,16 @@ def test_clip_indices_short_video_padding():
     assert D.sample_clip_indices(1, 4, np.random.default_rng(0)) == [0, 0, 0, 0]
 
 
-def test_torch_is_imported_only_for_the_dataset():
-    """evaluate.py (layout + PNG functions) runs without importing torch; ``VSPWDataset`` is made
-    on first access, is a torch Dataset and pickles (DataLoader workers)."""
-    code = ("import sys; import evaluate, vss.data; assert 'torch' not in sys.modules, 'torch imported'; "
-            "from vss.data import VSPWDataset; import torch; "
-            "assert issubclass(VSPWDataset, torch.utils.data.Dataset) and vss.data.VSPWDataset is VSPWDataset")
+def test_evaluate_and_io_do_not_import_torch():
+    """evaluate.py and vss.io (layout, PNG/JPEG decoding) run without importing torch; the
+    training dataset in vss.data is an ordinary torch Dataset class that pickles (workers)."""
+    code = ("import sys; import evaluate, vss.io; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import pickle, torch; from vss.data import VSPWDataset; "
+            "assert issubclass(VSPWDataset, torch.utils.data.Dataset); "
+            "assert pickle.loads(pickle.dumps(VSPWDataset)) is VSPWDataset")
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        D.nope
 
 
 def test_dataset_short_video_reversal_and_reproducibility(tmp_path):
@@ -361,7 +362,7 @@ def test_collate_pads_to_multiple_of_32():
 def test_out_of_range_label_names_the_file(tmp_path):
     root = make_dataset(tmp_path, {"v": 2}, num_classes=6)
     bad = root / "data" / "v" / "mask" / "00008.png"
-    raw = D.read_label_png(bad)
+    raw = vio.read_label_png(bad)
     raw[5, 5] = 7  # raw 7 -> id 6, out of range for 6 classes
     cv2.imwrite(str(bad), raw)
     ds = D.VSPWDataset(root, "train", num_frames=2, augment=False)
@@ -380,7 +381,7 @@ def test_empty_frame_folder_names_the_folder(tmp_path):
 def test_iter_eval_videos(tmp_path):
     root = make_dataset(tmp_path, {"a": 2, "b": 3})
     (root / "data" / "b" / "mask" / "00009.png").unlink()
-    vids = list(D.iter_eval_videos(root, "train"))
+    vids = list(vio.iter_eval_videos(root, "train"))
     assert [v.name for v in vids] == ["a", "b"]
     name, frames, masks = vids[1]
     assert [f.name for f in frames] == ["00007.png", "00008.png", "00009.png"]
@@ -388,7 +389,7 @@ def test_iter_eval_videos(tmp_path):
     import shutil
 
     shutil.rmtree(root / "data" / "a" / "mask")
-    assert next(D.iter_eval_videos(root, "train")).masks is None
+    assert next(vio.iter_eval_videos(root, "train")).masks is None
 
 
 def test_camvid_layout_loads(shared_dir):
@@ -416,9 +417,9 @@ def test_read_write_video_file_and_folder(tmp_path):
         f[8:24, 8 + 4 * t : 24 + 4 * t] = (255, 255, 255)
         frames.append(f)
     path = tmp_path / "out" / "v.mp4"
-    D.write_video(path, frames, fps=12)
+    vio.write_video(path, frames, fps=12)
     assert [p.name for p in path.parent.iterdir()] == ["v.mp4"]
-    got, names, fps = D.read_video(path)
+    got, names, fps = vio.read_video(path)
     assert len(got) == 6 and got[0].shape == (48, 64, 3) and names[0] == "00000" and fps == pytest.approx(12)
     for a, b in zip(got, frames):
         assert np.abs(a.astype(int) - b).mean() < 12  # lossy codec, same pictures in the same order
@@ -426,14 +427,14 @@ def test_read_write_video_file_and_folder(tmp_path):
     folder.mkdir()
     for t in [3, 1, 2]:
         cv2.imwrite(str(folder / f"{t:03d}.png"), cv2.cvtColor(frames[t], cv2.COLOR_RGB2BGR))
-    got, names, fps = D.read_video(folder)
-    assert names == ["001", "002", "003"] and fps == D.DEFAULT_FPS
+    got, names, fps = vio.read_video(folder)
+    assert names == ["001", "002", "003"] and fps == vio.DEFAULT_FPS
     np.testing.assert_array_equal(got[0], frames[1])
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="bad.mp4"):
-        D.read_video(tmp_path / "bad.mp4")
+        vio.read_video(tmp_path / "bad.mp4")
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
-        D.read_video(tmp_path / "missing.mp4")
+        vio.read_video(tmp_path / "missing.mp4")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
-        D.read_video(tmp_path / "empty")
+        vio.read_video(tmp_path / "empty")

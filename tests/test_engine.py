@@ -14,7 +14,8 @@ from torch import nn
 from vss import distributed as vd
 from vss.checkpoint import load_checkpoint, save_checkpoint
 from vss.config import DataConfig, OptimConfig
-from vss.data import iter_eval_videos, normalize, read_frame, read_label_png, shift_labels
+from vss.data import normalize
+from vss.io import iter_eval_videos, read_frame, read_label_png, shift_labels
 from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_model,
                         lr_milestones, make_autocast, param_groups, resize_short_side, train_step)
 from vss.metrics import VideoStats, merge, summarize

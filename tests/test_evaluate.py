@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import evaluate as ev
-from vss.data import write_label_png
+from vss.io import write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_half_given_paths_is_a_usage_error(tmp_path):
 def test_default_run_evaluates_the_synthetic_dataset(tmp_path, monkeypatch, capsys):
     """No --gt/--pred: the embedded synthetic dataset (rendered into $VSS_DATA) against
     runs/default/pred; perfect predictions score 1 and K comes from its classes.json."""
-    from vss.data import list_frames, load_class_names, read_label_png, read_split, shift_labels
+    from vss.io import list_frames, load_class_names, read_label_png, read_split, shift_labels
     from vss.synthetic import ensure_default_dataset
 
     monkeypatch.setenv("VSS_DATA", str(tmp_path / "data"))

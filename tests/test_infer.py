@@ -20,7 +20,8 @@ import evaluate
 import infer
 from vss.checkpoint import load_checkpoint, save_checkpoint
 from vss.config import Config, tiny
-from vss.data import normalize, read_frame, read_label_png, shift_labels, write_label_png
+from vss.data import normalize
+from vss.io import read_frame, read_label_png, shift_labels, write_label_png
 from vss.segmenter import semantic_inference
 from vss.semi import pixel_entropy
 from vss.synthetic import render_dataset, render_video

@@ -16,7 +16,8 @@ import torch
 
 from vss.config import tiny
 from vss.criterion import SetCriterion
-from vss.data import clip_targets, normalize, shift_labels
+from vss.data import clip_targets, normalize
+from vss.io import shift_labels
 from vss.engine import build_optimizer, train_step
 from vss.matcher import HungarianMatcher
 from vss.metrics import VideoStats, merge, summarize

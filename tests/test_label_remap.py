@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vss import data as vd
+from vss import io as vio
 from vss.label_remap import ImageFolderDataset, load_label_map, remap
 
 EXAMPLE = (
@@ -111,7 +112,7 @@ def make_folder(root: Path, sizes) -> list[np.ndarray]:
         cv2.imwrite(str(root / "images" / f"img{i}.jpg"), img[:, :, ::-1])
         raw = rng.choice(np.array([0, 3, 7, 21, 150], np.uint8), size=(h, w))
         if i == 0:
-            vd.write_label_png(root / "labels" / f"img{i}.png", raw)  # palette PNG
+            vio.write_label_png(root / "labels" / f"img{i}.png", raw)  # palette PNG
         else:
             cv2.imwrite(str(root / "labels" / f"img{i}.png"), raw)  # grey PNG
         raws.append(raw)
@@ -130,7 +131,7 @@ def test_image_folder_dataset_items(tmp_path):
         )
         np.testing.assert_array_equal(item["labels"][0].numpy(), lut[raws[i]].astype(np.int64))
         assert set(np.unique(item["labels"]).tolist()) <= {0, 3, 8, 255}  # sky, road, car, ignore
-        img = vd.read_frame(tmp_path / "ade" / "images" / f"img{i}.jpg")
+        img = vio.read_frame(tmp_path / "ade" / "images" / f"img{i}.jpg")
         torch.testing.assert_close(item["frames"][0], vd.normalize(img, ds.cfg))
         assert item["video"] == f"img{i}" and item["frame_names"] == [f"img{i}"]
     batch = vd.collate_clips(items)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vss.data import list_frames, read_label_png, read_split, shift_labels
+from vss.io import list_frames, read_label_png, read_split, shift_labels
 from vss.metrics import (DatasetStats, VideoStats, _confusion_bincount, _confusion_pixels, _confusion_runs,
                          confusion_matrix, iou_from_confusion, merge, summarize)
 

@@ -23,8 +23,8 @@ import train  # noqa: E402
 import vss.semi_stage as semi_stage  # noqa: E402
 from vss.checkpoint import load_checkpoint  # noqa: E402
 from vss.config import Config, DataConfig, tiny  # noqa: E402
-from vss.data import (apply_clip_transform, collate_clips, read_label_png,  # noqa: E402
-                      sample_clip_transform)
+from vss.data import apply_clip_transform, collate_clips, sample_clip_transform  # noqa: E402
+from vss.io import read_label_png  # noqa: E402
 from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, collate_pseudo,  # noqa: E402
                             transform_map)
 from vss.synthetic import render_dataset  # noqa: E402

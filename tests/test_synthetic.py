@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vss import data as D
+from vss import io as vio
 from vss import synthetic as S
 
 SMALL = dict(num_videos=4, frames=(5, 7), height=48, width=64, num_classes=6)
@@ -38,29 +39,29 @@ def test_layout_and_classes_json(small):
     meta = json.loads((small / "classes.json").read_text())
     assert meta["classes"] == ["sky", "grass", "road", "car", "person", "ball"]
     assert np.asarray(meta["palette"]).shape == (6, 3)
-    names, pal = D.load_class_names(small)
+    names, pal = vio.load_class_names(small)
     assert names == meta["classes"] and pal.dtype == np.uint8
-    train, val = D.read_split(small, "train"), D.read_split(small, "val")
+    train, val = vio.read_split(small, "train"), vio.read_split(small, "val")
     assert len(train) + len(val) == 4 and len(val) >= 1 and not set(train) & set(val)
     for name in train + val:
-        frames = D.list_frames(small / "data" / name)
-        masks = D.list_frames(small / "data" / name, "mask")
+        frames = vio.list_frames(small / "data" / name)
+        masks = vio.list_frames(small / "data" / name, "mask")
         assert 5 <= len(frames) <= 7 and [f.stem for f in frames] == [m.stem for m in masks]
         assert all(f.suffix == ".jpg" for f in frames)
-        assert D.read_frame(frames[0]).shape == (48, 64, 3)
+        assert vio.read_frame(frames[0]).shape == (48, 64, 3)
     ds = D.VSPWDataset(small, "train", num_frames=3,
                        cfg=D.DataConfig(base_size=48, crop_size=(48, 64)), length=5)
     batch = D.collate_clips([ds.load_clip(i, np.random.default_rng(i)) for i in range(2)])
     assert batch["frames"].shape == (2, 3, 3, 64, 64)
     assert all(len(t["labels"]) >= 2 for t in batch["targets"])
-    assert [v.name for v in D.iter_eval_videos(small, "val")] == val
+    assert [v.name for v in vio.iter_eval_videos(small, "val")] == val
 
 
 def test_raw_encoding_and_motion(tmp_path):
     root = S.render_dataset(tmp_path / "ds", seed=0, num_videos=8, frames=6, height=48, width=64, num_classes=6)
     seen = set()
-    for name in D.read_split(root, "train") + D.read_split(root, "val"):
-        raw = np.stack([D.read_label_png(m) for m in D.list_frames(root / "data" / name, "mask")])
+    for name in vio.read_split(root, "train") + vio.read_split(root, "val"):
+        raw = np.stack([vio.read_label_png(m) for m in vio.list_frames(root / "data" / name, "mask")])
         values = set(np.unique(raw).tolist())
         assert values <= set(range(7)) | {255}
         seen |= values
@@ -94,7 +95,7 @@ def test_default_root_and_ensure(tmp_path, monkeypatch):
     assert S.default_root() == Path(S.__file__).resolve().parents[1] / "data" / "synthetic"
     monkeypatch.setattr(S, "DEFAULTS", dict(num_videos=3, frames=3, height=32, width=40, num_classes=4, seed=0))
     root = S.ensure_default_dataset(tmp_path / "def")
-    assert S.is_dataset(root) and len(D.read_split(root, "train")) == 2
+    assert S.is_dataset(root) and len(vio.read_split(root, "train")) == 2
     stamp = (root / "classes.json").stat().st_mtime_ns
     assert S.ensure_default_dataset(root) == root and (root / "classes.json").stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
@@ -108,6 +109,6 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     assert S.main(["--out", str(out), "--videos", "3", "--frames", "3", "--height", "32", "--width", "40",
                    "--classes", "4", "--seed", "1"]) == 0
-    assert S.is_dataset(out) and len(D.read_split(out, "val")) == 1
+    assert S.is_dataset(out) and len(vio.read_split(out, "val")) == 1
     assert S.main(["--out", str(out), "--videos", "3"]) == 2
     assert "not empty" in capsys.readouterr().err

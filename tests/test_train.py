@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))  # train.py is a script at the repository root
 import train  # noqa: E402
 from vss.checkpoint import load_checkpoint
 from vss.config import Config, tiny
-from vss.data import read_label_png, read_split, shift_labels
+from vss.io import read_label_png, read_split, shift_labels
 from vss.synthetic import render_dataset
 from helpers import free_port, write_ddp_train_wrapper
 

@@ -14,7 +14,8 @@ from torch import nn
 import vss.tracker as tracker_mod
 from vss.config import tiny
 from vss.criterion import SetCriterion
-from vss.data import collate_clips, normalize, shift_labels
+from vss.data import collate_clips, normalize
+from vss.io import shift_labels
 from vss.matcher import HungarianMatcher
 from vss.refiner import TemporalRefiner
 from vss.segmenter import semantic_inference

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from vss.data import load_class_names
+from vss.io import load_class_names
 from vss.vlm import (
     OUTLINE_RGB,
     AmbiguityGroup,

@@ -33,7 +33,7 @@ import numpy as np
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from vss.data import atomic_path, read_frame, read_label_png
+from vss.io import atomic_path, read_frame, read_label_png
 
 # Farneback parameters (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags):
 # OpenCV's tutorial values, the usual choice when none is given (the paper gives none).

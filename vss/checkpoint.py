@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vss.data import atomic_path
+from vss.io import atomic_path
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -1,16 +1,9 @@
-"""VSPW data: layout, label shift, clip sampling, clip transforms, per-class clip targets,
-video files / frame folders, palette PNGs.
+"""VSPW training data: normalisation, clip sampling, clip transforms, per-class clip targets,
+collation, and the training-clip dataset. The files themselves (layout, PNG/JPEG decoding,
+label shift, class names, videos) are read by the torch-free ``vss.io``.
 
-Implements (``reference/dvis_plus.md`` sections 1 and 5, ``reference/vspw_metrics.md`` section 1):
-- Layout ``ROOT/{train,val,test}.txt`` (one video per line) and
-  ``ROOT/data/<video>/{origin/*.jpg, mask/*.png}``, frames sorted by file name (file numbers need
-  not start at 1).
-- Label shift (VSPW README recipe, DVIS++ ``_vspw_preprocess``): raw 0 ("others") and raw 255
-  ("void") -> ignore 255, raw k+1 -> train id k.
-- Mask decoding. A palette PNG ("P") gives its indices (the id is the index: how VSPW/CamVid masks
-  and our predictions are stored); a grey PNG its values; a 3/4-channel PNG its red channel, which
-  is what DVIS++ does (reads RGB, takes channel 0).
-- Clip sampling (DVIS++ ``VSSMAP.select_frames`` with ``2*RANGE+1 == NUM``): T consecutive
+Implements (DVIS_Plus ``dvis_Plus/data_video/dataset_mapper_vss.py``, ``VSSMAP``):
+- Clip sampling (``VSSMAP.select_frames`` with ``2*RANGE+1 == NUM``): T consecutive
   frames. Two readings of the released code are ours to fix (``sample_clip_indices``):
   the start is uniform over all ``L-T+1`` windows (the released ``randrange(L-T)`` never picks
   the last window), and a video shorter than T gives all its frames once plus ``T-L`` extra
@@ -27,284 +20,23 @@ Implements (``reference/dvis_plus.md`` sections 1 and 5, ``reference/vspw_metric
   configs, ``DataConfig.color_jitter = 0`` switches it off).
 - VSS targets (``VSSMAP.__call__``): each class present anywhere in the clip is one target with
   a mask on every frame (empty where the class is absent in that frame).
-
-torch is imported only by the functions that make tensors and by ``VSPWDataset`` (made on first
-access, see ``__getattr__``), so the layout / PNG functions cost no torch import (evaluate.py).
-Files are written atomically (``atomic_path``) with the usual permissions.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
+import torch
+import torch.utils.data
 
 from vss.config import DataConfig
-
-if TYPE_CHECKING:  # torch is imported inside the functions that need it (see ``__getattr__`` below)
-    import torch
-
-IGNORE = 255  # ignore / void train id, and label padding
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# --------------------------------------------------------------------------------------------
-# VSPW layout
-# --------------------------------------------------------------------------------------------
-
-
-def read_split(root: str | os.PathLike, split: str) -> list[str]:
-    """Video names of ``ROOT/<split>.txt``, one per line.
-
-    Unlike the official ``line[:-1]`` this keeps the last name whole when the file has no final
-    newline; blank lines and surrounding spaces are dropped.
-
-    Args:
-        root: dataset root.
-        split: split name, e.g. "train", "val", "test".
-    Returns:
-        The video names in file order.
-    Raises:
-        FileNotFoundError: the split file is missing. ValueError: it lists no video.
-    """
-    path = Path(root) / f"{split}.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"split file {path} lists no video")
-    return names
-
-
-def list_frames(video_dir: str | os.PathLike, kind: str = "origin") -> list[Path]:
-    """Files of ``video_dir/kind`` sorted by name: images (jpg/jpeg/png) for "origin", png for
-    "mask".
-
-    Raises:
-        FileNotFoundError: the folder is missing. ValueError: it holds no such file.
-    """
-    if kind not in ("origin", "mask"):
-        raise ValueError(f"kind must be 'origin' or 'mask', got {kind!r}")
-    folder = Path(video_dir) / kind
-    if not folder.is_dir():
-        raise FileNotFoundError(f"frame folder not found: {folder}")
-    exts = IMAGE_EXTS if kind == "origin" else (".png",)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts and p.is_file())
-    if not files:
-        raise ValueError(f"no {'/'.join(e[1:] for e in exts)} file in {folder}")
-    return files
-
-
-def _png_color_type(data: bytes) -> int | None:
-    """PNG colour type from the IHDR chunk (3 = palette), None when not a PNG."""
-    if len(data) < 26 or not data.startswith(_PNG_SIGNATURE):
-        return None
-    return data[25]
-
-
-def decode_png(data: bytes, path: str | os.PathLike, what: str = "PNG") -> np.ndarray:
-    """Decode the bytes of a label / prediction PNG into its stored values.
-
-    A palette PNG gives its indices through PIL (cv2 would expand them to colours); any other
-    image what ``cv2.imdecode(IMREAD_UNCHANGED)`` gives: (H,W) grey values (8 or 16 bit) or
-    (H,W,3|4) BGR(A). The bytes are decoded where they are, the file is not read again.
-
-    Args:
-        data: the file's bytes.
-        path: the file, named in error messages.
-        what: what the file is, for error messages (e.g. "label PNG").
-    Returns:
-        The decoded array; read-only for a palette PNG (PIL's pixel bytes wrapped without
-        another copy).
-    Raises:
-        ValueError: corrupt, truncated or not an image.
-    """
-    if _png_color_type(data) == 3:
-        try:
-            with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
-                return np.asarray(im)  # (H,W) palette indices
-        except Exception as e:  # PIL raises many types for broken files
-            raise ValueError(f"cannot read {what} {path}: {e}") from None
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"cannot read {what} {path}: not a readable image (corrupt or empty?)")
-    return arr
-
-
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a label PNG as (H,W) uint8 values (raw, not shifted).
-
-    Palette PNGs give their indices, grey PNGs their values, a colour PNG its red channel (DVIS++
-    reads RGB and takes channel 0); see ``decode_png``.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: unreadable, corrupt or not 8-bit.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label file not found: {path}") from None
-    arr = decode_png(data, path, "label PNG")
-    if arr.ndim == 3:
-        arr = arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, 2]  # cv2 gives BGR(A): index 2 is red
-    if arr.dtype != np.uint8:
-        raise ValueError(f"label PNG {path} has dtype {arr.dtype}; expected 8-bit values")
-    if arr.ndim != 2:
-        raise ValueError(f"label PNG {path} has shape {arr.shape}; expected (H, W)")
-    return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
-
-
-def shift_labels(raw: np.ndarray) -> np.ndarray:
-    """Raw VSPW values -> train ids: 0 and 255 -> 255 (ignore), k+1 -> k.
-
-    Args:
-        raw: uint8 array of any shape (raw mask values 0..255).
-    Returns:
-        uint8 array of the same shape.
-    """
-    raw = np.asarray(raw)
-    if raw.dtype != np.uint8:
-        raise ValueError(f"shift_labels expects uint8 raw values, got {raw.dtype}")
-    # uint8 wrap-around does the recipe in one step (0 - 1 = 255) except for raw 255, which
-    # becomes 254 and gets its last bit set back: three cheap passes, no masked assignment.
-    out = raw - np.uint8(1)
-    out |= (raw == 255).view(np.uint8)
-    return out
-
-
-def default_palette(num_classes: int) -> np.ndarray:
-    """(K,3) uint8 colours, the PASCAL VOC bit-interleaving scheme shifted by one so class 0 is
-    not black; deterministic and distinct for K <= 255."""
-    pal = np.zeros((num_classes, 3), np.uint8)
-    for k in range(num_classes):
-        c, r, g, b = k + 1, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[k] = (r, g, b)
-    return pal
-
-
-def load_class_names(root: str | os.PathLike | None = None) -> tuple[list[str], np.ndarray | None]:
-    """Class names and palette of a dataset.
-
-    ``ROOT/classes.json`` (keys ``classes``, optional ``palette``) when present, else the 124
-    VSPW classes packaged as ``vss/vspw_classes.json`` with ``default_palette``.
-
-    Returns:
-        (names, palette (K,3) uint8 or None when the dataset file gives no palette).
-    Raises:
-        ValueError: a malformed classes.json.
-    """
-    path = Path(root) / "classes.json" if root is not None else None
-    if path is None or not path.is_file():
-        pkg = Path(__file__).resolve().parent / "vspw_classes.json"
-        names = json.loads(pkg.read_text(encoding="utf-8"))["classes"]
-        return list(names), default_palette(len(names))
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    names = d.get("classes") if isinstance(d, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path}: 'classes' must be a non-empty list of names")
-    if len(names) > 255:
-        raise ValueError(f"{path}: {len(names)} classes; at most 255 fit uint8 labels with ignore 255")
-    palette = d.get("palette")
-    if palette is None:
-        return names, None
-    pal = np.asarray(palette)
-    if pal.shape != (len(names), 3) or pal.min() < 0 or pal.max() > 255:
-        raise ValueError(f"{path}: 'palette' must be {len(names)} RGB triples in 0..255, got shape {pal.shape}")
-    return names, pal.astype(np.uint8)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Write a file atomically: yield a temporary path beside ``path`` to write to, and put it
-    under the real name with ``os.replace`` when the block ends without error (else remove it).
-    Readers never see half a file, and an interrupted write leaves the previous file intact.
-
-    The temporary file is created like any new file (mode 0o666 minus the umask), so the result
-    gets the usual permissions (``tempfile.mkstemp`` would make it 0600).
-
-    Args:
-        path: the final file; its folder is created if needed.
-        suffix: end of the temporary name, for writers that pick the format from it (a video
-            writer needs ".mp4"); the name is hidden (leading dot) and unique.
-    Yields:
-        The temporary path (an empty file).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:  # another writer's temporary file: draw another name
-            continue
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # the block failed (BaseException too: Ctrl-C mid-write)
-            tmp.unlink()
-
-
-def write_label_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """Write class ids as a palette PNG (the pixel index is the id), atomically.
-
-    Args:
-        path: output file; parent folders are created.
-        label: (H,W) integer ids 0..255 (255 = ignore/void is allowed).
-        palette: (K,3) uint8 colours for ids 0..K-1; ``default_palette(256)`` when None.
-    """
-    path = Path(path)
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"label for {path} must be (H, W), got shape {label.shape}")
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"label for {path} has values outside 0..255")
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    pal = np.zeros((256, 3), np.uint8)
-    pal[:] = default_palette(256)
-    if palette is not None:
-        palette = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
-        pal[: len(palette)] = palette
-    pal[IGNORE] = 255  # void shows white
-    im.putpalette(pal.reshape(-1).tolist())
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
-
-
-def read_frame(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as (H,W,3) uint8 RGB.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: unreadable/corrupt image.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"frame not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot read image {path} (corrupt, empty or unsupported format)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+from vss.io import (IGNORE, check_label_range, load_class_names, paired_frames, read_frame, read_label_png,
+                    read_split, shift_labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +53,6 @@ def normalize(frames: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tenso
     Returns:
         float32 tensor, channels moved before H, W.
     """
-    import torch
-
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
     if x.ndim < 3 or x.shape[-1] != 3:
         raise ValueError(f"normalize expects (..., H, W, 3) RGB frames, got shape {tuple(x.shape)}")
@@ -443,8 +173,6 @@ def apply_clip_transform(
     Returns:
         frames (T,3,ch,cw) float32 normalised, labels (T,ch,cw) int64 or None.
     """
-    import torch
-
     t, h, w, _ = frames.shape
     nh, nw = tf.size
     y0, x0, ch, cw = tf.crop
@@ -485,8 +213,6 @@ def clip_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
         {"labels": (M,) int64 class ids in increasing order, "masks": (M,T,H,W) bool}; a class's
         mask is ``labels == class`` on every frame (empty where the class is absent).
     """
-    import torch
-
     classes = torch.unique(labels)
     classes = classes[classes != IGNORE]  # (M,)
     masks = labels.unsqueeze(0) == classes.view(-1, 1, 1, 1)  # (M,T,H,W)
@@ -502,8 +228,6 @@ def per_frame_targets(targets: dict[str, torch.Tensor], t: int) -> dict[str, tor
     Returns:
         {"labels": (M_t,) int64, "masks": (M_t,H,W) bool}.
     """
-    import torch
-
     masks = targets["masks"][:, t]  # (M,H,W)
     keep = masks.flatten(1).any(1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
     return {"labels": targets["labels"][keep], "masks": masks[keep]}
@@ -521,8 +245,6 @@ def collate_clips(batch: Sequence[dict], size_divisibility: int = 32) -> dict:
         "targets": list of B {"labels": (M,), "masks": (M,T,H,W)}, "videos": list of B names,
         "frame_names": list of B lists of T names}.
     """
-    import torch
-
     if not batch:
         raise ValueError("collate_clips got an empty batch")
     ts = {item["frames"].shape[0] for item in batch}
@@ -552,30 +274,7 @@ def collate_clips(batch: Sequence[dict], size_divisibility: int = 32) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _paired_frames(video_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(frames, masks) of a video, paired by file stem; frames without a mask are dropped."""
-    frames = list_frames(video_dir, "origin")
-    masks = list_frames(video_dir, "mask")
-    by_stem = {p.stem: p for p in frames}
-    orphans = [m.name for m in masks if m.stem not in by_stem]
-    if orphans:
-        raise ValueError(f"{video_dir / 'mask'}: masks without a frame in origin/: {orphans[:5]}")
-    return [by_stem[m.stem] for m in masks], masks
-
-
-def check_label_range(label: np.ndarray, num_classes: int, path: str | os.PathLike) -> None:
-    """Raise ValueError naming ``path`` when a shifted label holds ids >= num_classes (other than 255)."""
-    bad = (label >= num_classes) & (label != IGNORE)
-    if bad.any():
-        values = np.unique(label[bad]).tolist()
-        raise ValueError(
-            f"{path}: train ids {values[:10]} (raw values {[v + 1 for v in values[:10]]}) are out of range "
-            f"for {num_classes} classes"
-        )
-
-
-# The body of ``VSPWDataset``, which ``__getattr__`` below makes with torch's Dataset as second base.
-class _VSPWClips:
+class VSPWDataset(torch.utils.data.Dataset):
     """Training clips of a VSPW-layout dataset.
 
     ``len`` is the epoch size (``length``, default the number of videos); item i is a clip of
@@ -622,7 +321,7 @@ class _VSPWClips:
         self.num_classes = num_classes if num_classes is not None else len(load_class_names(self.root)[0])
         self.videos: list[tuple[str, list[Path], list[Path]]] = []
         for name in read_split(self.root, split):
-            frames, masks = _paired_frames(self.root / "data" / name)
+            frames, masks = paired_frames(self.root / "data" / name)
             self.videos.append((name, frames, masks))
         self.length = int(length) if length is not None else len(self.videos)
 
@@ -630,8 +329,6 @@ class _VSPWClips:
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        import torch
-
         seed = int(torch.randint(0, 2**62, ()).item())
         return self.load_clip(i, np.random.default_rng(seed))
 
@@ -662,122 +359,3 @@ class _VSPWClips:
             "frame_names": [frame_paths[k].stem for k in idx],
             "frame_idx": list(idx),
         }
-
-
-def __getattr__(name: str):
-    """``vss.data.VSPWDataset``: ``_VSPWClips`` with ``torch.utils.data.Dataset`` as second base.
-
-    PEP 562 module attribute, made on first access, because its base class needs torch: the
-    layout and PNG functions of this module (all evaluate.py uses) must not cost a torch import
-    (~1.5 s, ~250 MB). Made once; ``from vss.data import VSPWDataset`` and pickling (DataLoader
-    workers) work as for a plain class.
-    """
-    if name == "VSPWDataset":
-        import torch.utils.data
-
-        cls = type("VSPWDataset", (_VSPWClips, torch.utils.data.Dataset),
-                   {"__module__": __name__, "__doc__": _VSPWClips.__doc__})
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class EvalVideo(NamedTuple):
-    """A video for inference / evaluation: all its frames in order, and, when the video has a
-    mask folder, the mask path with the same stem for each frame (None where a frame has none)."""
-
-    name: str
-    frames: list[Path]
-    masks: list[Path | None] | None
-
-
-def iter_eval_videos(root: str | os.PathLike, split: str) -> Iterator[EvalVideo]:
-    """Videos of ``ROOT/<split>.txt`` for inference/evaluation (test splits have no masks).
-
-    Yields:
-        EvalVideo(name, frame paths sorted, aligned mask paths or None).
-    """
-    root = Path(root)
-    for name in read_split(root, split):
-        video_dir = root / "data" / name
-        frames = list_frames(video_dir, "origin")
-        masks = None
-        if (video_dir / "mask").is_dir():
-            by_stem = {p.stem: p for p in list_frames(video_dir, "mask")}
-            masks = [by_stem.get(f.stem) for f in frames]
-        yield EvalVideo(name, frames, masks)
-
-
-# --------------------------------------------------------------------------------------------
-# Video files and frame folders
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_FPS = 15.0  # VSPW frames were extracted at 15 fps
-
-
-def read_video(path: str | os.PathLike) -> tuple[list[np.ndarray], list[str], float]:
-    """Frames of a video file (cv2.VideoCapture) or of a folder of images (sorted by name; a
-    VSPW video folder's ``origin/`` is used when present).
-
-    Returns:
-        (frames: list of (H,W,3) uint8 RGB, names: frame stems (``%05d`` indices for a file),
-        fps: from the file, else 15.0).
-    Raises:
-        FileNotFoundError: missing path. ValueError: a file that cannot be opened or gives no
-        frame, an empty folder, or frames of different sizes.
-    """
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "origin" if (path / "origin").is_dir() else path
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if not files:
-            raise ValueError(f"no jpg/jpeg/png frame in {folder}")
-        frames = [read_frame(p) for p in files]
-        if len({f.shape for f in frames}) != 1:
-            raise ValueError(f"frames in {folder} differ in size")
-        return frames, [p.stem for p in files], DEFAULT_FPS
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise ValueError(f"cannot open video {path} (corrupt or unsupported codec?)")
-        fps = float(cap.get(cv2.CAP_PROP_FPS)) or DEFAULT_FPS
-        frames = []
-        while True:
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
-    if not frames:
-        raise ValueError(f"video {path} yields no frame (corrupt or unsupported codec?)")
-    if not (0 < fps < 1000):
-        fps = DEFAULT_FPS
-    return frames, [f"{i:05d}" for i in range(len(frames))], fps
-
-
-def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float = DEFAULT_FPS) -> None:
-    """Write RGB frames as an mp4v video, atomically (temp file in the same folder + os.replace).
-
-    Args:
-        path: output file (parent folders are created).
-        frames: (H,W,3) uint8 RGB frames of one size.
-        fps: frames per second.
-    """
-    path = Path(path)
-    if not frames:
-        raise ValueError(f"no frame to write to {path}")
-    h, w = frames[0].shape[:2]
-    with atomic_path(path, suffix=path.suffix or ".mp4") as tmp:  # the writer picks the container from the name
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-        try:
-            if not writer.isOpened():
-                raise ValueError(f"cannot open a video writer for {path} (mp4v codec unavailable?)")
-            for i, f in enumerate(frames):
-                if f.shape != (h, w, 3) or f.dtype != np.uint8:
-                    raise ValueError(f"frame {i} for {path} is {f.shape} {f.dtype}; expected ({h}, {w}, 3) uint8")
-                writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-        finally:
-            writer.release()

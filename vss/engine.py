@@ -34,7 +34,8 @@ from torch import nn
 from tqdm import tqdm
 
 from vss.config import DataConfig, OptimConfig
-from vss.data import EvalVideo, normalize, read_frame, read_label_png, shift_labels
+from vss.data import normalize
+from vss.io import EvalVideo, read_frame, read_label_png, shift_labels
 from vss.distributed import all_gather_object, all_reduce_sum, get_rank, get_world_size
 from vss.metrics import DatasetStats, VideoStats, summarize
 

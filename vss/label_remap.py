@@ -45,14 +45,8 @@ import numpy as np
 import torch
 
 from vss.config import DataConfig
-from vss.data import (
-    IGNORE,
-    IMAGE_EXTS,
-    apply_clip_transform,
-    read_frame,
-    read_label_png,
-    sample_clip_transform,
-)
+from vss.data import apply_clip_transform, sample_clip_transform
+from vss.io import IGNORE, IMAGE_EXTS, read_frame, read_label_png
 
 _REQUIRED = ("num_target_classes", "map")
 _OPTIONAL = ("description", "target_names", "ignore", "source_names")

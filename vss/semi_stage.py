@@ -58,9 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vss.config import DataConfig
-from vss.data import (IGNORE, ClipTransform, apply_clip_transform, check_label_range, clip_targets,
-                      collate_clips, list_frames, per_frame_targets, read_frame, read_label_png,
-                      read_split, sample_clip_indices, sample_clip_transform)
+from vss.data import (apply_clip_transform, clip_targets, ClipTransform, collate_clips, per_frame_targets, sample_clip_indices, sample_clip_transform)
+from vss.io import check_label_range, IGNORE, list_frames, read_frame, read_label_png, read_split
 from vss.semi import (ContrastiveConfig, MemoryBank, RepresentationHead, compute_contra_memobank_loss,
                       contrastive_inputs, drop_percent, ema_decay, ema_update, pseudo_label_targets,
                       unreliable_alpha)

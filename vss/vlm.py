@@ -60,7 +60,7 @@ import cv2
 import numpy as np
 import openai
 
-from vss.data import atomic_path
+from vss.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import multiprocessing
-import os
 import sys
 from contextlib import contextmanager
 from functools import partial
@@ -26,10 +24,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
-from vss.io import (atomic_path, decode_png, list_frames, load_class_names, read_label_png, read_split, shift_labels)
+from vss.io import (read_prediction_png, write_json_atomic, list_frames, load_class_names, read_label_png, read_split, shift_labels)
 from vss.metrics import DatasetStats, VideoStats, summarize
 
 REPO = Path(__file__).resolve().parent
@@ -47,30 +44,6 @@ def default_paths() -> tuple[Path, Path, str]:
     return Path(ensure_default_dataset()), DEFAULT_PRED, "val"
 
 
-def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a prediction PNG as (H,W) integer class ids.
-
-    Palette PNGs give their indices through PIL (cv2 would expand them to colours); grey 8/16-bit
-    PNGs are decoded by cv2 (``vss.io.decode_png``). Colour images are refused: their values
-    are not class ids. The array may be read-only (a palette PNG's, to save a copy).
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: corrupt file or not a single-channel image.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: prediction frame not found") from None
-    arr = decode_png(data, path, "prediction PNG")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: prediction has shape {arr.shape}; write class ids as a single-channel "
-                         "(grey or palette) PNG")
-    return arr
-
-
 def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, vc_sizes: tuple[int, ...],
                    include_last_window: bool = False) -> VideoStats:
     """Score one video: every mask frame of ``gt_root/data/video`` against ``pred_dir/video``.
@@ -78,7 +51,7 @@ def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, 
     Returns:
         The finished VideoStats.
     Raises:
-        FileNotFoundError / ValueError naming the file or video (see ``read_prediction_png``,
+        FileNotFoundError / ValueError naming the file or video (see ``vss.io.read_prediction_png``,
         ``VideoStats.update``, ``vss.io.list_frames``).
     """
     masks = list_frames(gt_root / "data" / video, kind="mask")
@@ -189,23 +162,6 @@ def format_report(summary: dict) -> str:
         lines.append(f"{key:<10} {100 * summary[key]:7.2f}   ({summary[key + '_windows']} windows, "
                      f"{summary[key + '_valid_windows']} with constant GT pixels)")
     return "\n".join(lines)
-
-
-def _json_safe(x):
-    """NaN -> None recursively (strict JSON has no NaN)."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    """Write ``obj`` as JSON through a temp file + os.replace, so readers never see half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
 
 
 def _vc_sizes(text: str) -> tuple[int, ...]:

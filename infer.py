@@ -56,9 +56,9 @@ from vss.aggregate import aggregate_prediction_dirs, choose_per_video
 from vss.checkpoint import load_checkpoint
 from vss.config import Config
 from vss.data import normalize
-from vss.io import (atomic_path, DEFAULT_FPS, default_palette, IMAGE_EXTS, iter_eval_videos, load_class_names, read_frame, read_video, write_label_png, write_video)
-from vss.engine import resize_short_side
-from vss.semi import pixel_entropy
+from vss.io import (atomic_path, write_json_atomic, DEFAULT_FPS, default_palette, IMAGE_EXTS, iter_eval_videos, load_class_names, read_frame, read_video, write_label_png, write_video)
+from vss.engine import AMP_DTYPES, resize_short_side
+from vss.semi import ensemble_pseudo_labels
 from vss.tta import run_tta, tta_views
 from vss.video_model import build_video_model, predict_video
 
@@ -66,7 +66,6 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "runs" / "default" / "last.pt"
 DEFAULT_OUT = REPO / "runs" / "default" / "pred"
 OVERLAY_ALPHA = 0.5  # weight of the class colour in overlays
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class Member(NamedTuple):
@@ -324,10 +323,8 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
 
 def ensemble_prediction(members: Sequence[Member], images: np.ndarray, opts: Options,
                         need_entropy: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels (and entropy) of the mean class distribution of the members (one member: its own).
-
-    The mean is kept as a running sum, so M models never hold M probability maps at once; with
-    equal weights this is ``vss.semi.ensemble_pseudo_labels``.
+    """Labels (and entropy) of the mean class distribution of the members (one member: its own),
+    by ``vss.semi.ensemble_pseudo_labels`` over the members' predictions one at a time.
 
     Returns:
         labels (T,H0,W0) uint8, entropy (T,H0,W0) float16 (nats) or None.
@@ -335,14 +332,9 @@ def ensemble_prediction(members: Sequence[Member], images: np.ndarray, opts: Opt
     if len(members) == 1 and not need_entropy:
         labels = model_prediction(members[0], images, opts, need_probs=False)["labels"]  # (T,H0,W0)
         return labels.numpy().astype(np.uint8), None
-    mean = None
-    for m in members:
-        probs = model_prediction(m, images, opts, need_probs=True)["probs"]  # (T,K,H0,W0)
-        mean = probs if mean is None else mean.add_(probs)
-    mean /= len(members)
-    labels = mean.argmax(1).numpy().astype(np.uint8)  # (T,H0,W0)
-    entropy = pixel_entropy(mean, dim=1).numpy().astype(np.float16) if need_entropy else None
-    return labels, entropy
+    probs = (model_prediction(m, images, opts, need_probs=True)["probs"] for m in members)  # (T,K,H0,W0) each
+    labels, entropy = ensemble_pseudo_labels(probs)
+    return labels.numpy().astype(np.uint8), entropy.numpy().astype(np.float16) if need_entropy else None
 
 
 def aggregate_prediction(members: Sequence[Member], images: np.ndarray, opts: Options
@@ -432,24 +424,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _json_safe(x):
-    """Plain JSON values: numpy scalars as numbers, NaN/inf (e.g. the flow-SSIM of a one-frame
-    video) as null."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
-def write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, (json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n").encode())
-
-
 def file_identity(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -516,7 +490,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool, inputs: Sequence
         shutil.rmtree(out)
         same = False
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run.json", {"fingerprint": new_fp, "settings": settings})
+    write_json_atomic(out / "run.json", {"fingerprint": new_fp, "settings": settings})
     report = _read_json(out / "report.json") if same else None
     return dict(report.get("videos", {})) if report else {}
 
@@ -641,7 +615,7 @@ def run_aggregate_preds(args: argparse.Namespace) -> None:
         result = aggregate_prediction_dirs(args.aggregate_preds, {video.name: video.frame_paths}, args.out,
                                            num_classes=num_classes, progress=False)
         report[video.name] = {"frames": len(names), "aggregation": result[video.name]}
-        write_json(args.out / "report.json", {"settings": settings, "videos": report})
+        write_json_atomic(args.out / "report.json", {"settings": settings, "videos": report})
 
 
 def run_inference(args: argparse.Namespace) -> None:
@@ -660,7 +634,7 @@ def run_inference(args: argparse.Namespace) -> None:
     todo = [v for v in videos if not finished(out, v, _stems(v), report, args)]
     for video in tqdm(todo, desc="infer", unit="video", disable=args.no_progress):
         report[video.name] = predict_one(video, members, args, opts, palette, vlm_fn, out)
-        write_json(out / "report.json", {"settings": settings, "videos": report})
+        write_json_atomic(out / "report.json", {"settings": settings, "videos": report})
     skipped = f" ({len(videos) - len(todo)} already complete, skipped)" if len(todo) < len(videos) else ""
     print(f"wrote {len(todo)} videos to {out}{skipped}")
 

@@ -1,21 +1,30 @@
-"""Helpers shared by the multi-process tests."""
+"""Helpers shared by the tests: the scripts' entry points, and the multi-process helpers."""
 
+import runpy
 import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def script_main(name: str):
+    """The ``main(argv) -> exit code`` of a top-level script (train.py, infer.py, evaluate.py), run
+    in this process as the command line would run it (the script is executed, not imported as a
+    module, so tests reach it only through its command line)."""
+    return runpy.run_path(str(REPO / name), run_name=f"{Path(name).stem}_script")["main"]
+
+
 # train.py under torchrun where every rank writes its own checkpoint (last.pt.rank<r>), so a test
 # can compare the ranks' states.
 _DDP_TRAIN_WRAPPER = """
-import sys
+import runpy, sys
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import train
-save = train.save_checkpoint
-train.is_main = lambda: True  # every rank writes its own checkpoint (test only)
-train.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
-sys.exit(train.main(sys.argv[1:]))
+import vss.checkpoint as ckpt
+save = ckpt.save_checkpoint
+ckpt.is_main = lambda: True  # every rank writes its own checkpoint (test only)
+ckpt.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
+sys.exit(runpy.run_path({train!r}, run_name="train_script")["main"](sys.argv[1:]))
 """
 
 
@@ -28,5 +37,5 @@ def free_port() -> int:
 
 def write_ddp_train_wrapper(path: Path) -> Path:
     """Write the per-rank-checkpoint train.py wrapper to `path` and return it."""
-    path.write_text(_DDP_TRAIN_WRAPPER.format(repo=str(REPO)))
+    path.write_text(_DDP_TRAIN_WRAPPER.format(repo=str(REPO), train=str(REPO / "train.py")))
     return path

@@ -1,4 +1,4 @@
-"""vss.distributed: single-process fallbacks and a real 2-process gloo run (habit 13: the
+"""vss.distributed: single-process fallbacks and a real 2-process gloo run (the
 collective returns a new tensor, the caller assigns it, and the summed confusion matrix equals
 the single-process one)."""
 

@@ -31,7 +31,7 @@ def conv_replicate_reference(seq, conv):
 
 
 def reference_refine(ref, inst, frame):
-    """One loop per clip / object / frame, written from dvis_plus.md section 4."""
+    """One loop per clip / object / frame, written from DVIS_Plus dvis_Plus/refiner.py."""
     b, t, q, c = inst.shape
     x = inst.clone()
     outs = []

@@ -1,5 +1,5 @@
 """vss.semi against the official U2PL functions (tests/data/u2pl_vectors.npz, produced by running
-Haochen-Wang409/U2PL@ab3d2be; keys described in reference/u2pl.md section 3), plus slow
+Haochen-Wang409/U2PL@ab3d2be; keys described in the fixture's own README), plus slow
 per-pixel reference implementations for the paper-behaviour flags."""
 
 import os

@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and infer.py are scripts at the repository root
 
 import infer  # noqa: E402
-import train  # noqa: E402
 import vss.semi_stage as semi_stage  # noqa: E402
 from vss.checkpoint import load_checkpoint  # noqa: E402
 from vss.config import Config, DataConfig, tiny  # noqa: E402
@@ -29,7 +28,10 @@ from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, collate_pse
                             transform_map)
 from vss.synthetic import render_dataset  # noqa: E402
 from vss.video_model import build_video_model  # noqa: E402
-from helpers import free_port, write_ddp_train_wrapper
+from helpers import free_port, script_main, write_ddp_train_wrapper  # noqa: E402
+from vss.stages import set_criterion  # noqa: E402
+
+train_main = script_main("train.py")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 K = 5
@@ -46,7 +48,8 @@ def micro_config() -> Config:
     cfg.loss.num_points = 64
     cfg.data.base_size, cfg.data.min_scale, cfg.data.max_scale = 32, 1.0, 1.0
     cfg.data.crop_size, cfg.data.test_size = (32, 32), 32
-    cfg.optim.batch, cfg.optim.frames, cfg.optim.iters = 1, 2, 3
+    cfg.optim.batch, cfg.optim.iters = 1, 3
+    cfg.stages.segmenter.frames = cfg.stages.semi.frames = cfg.stages.tracker.frames = 2
     return cfg
 
 
@@ -70,8 +73,8 @@ def setup(tmp_path_factory):
     (base / "micro.json").write_text(micro_config().to_json())
     setup = {"base": base, "data": data, "config": base / "micro.json", "pseudo": base / "pseudo"}
     for name, seed in (("a", 0), ("b", 1)):
-        assert train.main(base_args(setup, base / name, "--iters", 2, "--seed", seed)) == 0
-    assert train.main(base_args(setup, base / "trk", "--stage", "tracker", "--init", base / "a" / "last.pt",
+        assert train_main(base_args(setup, base / name, "--iters", 2, "--seed", seed)) == 0
+    assert train_main(base_args(setup, base / "trk", "--stage", "tracker", "--init", base / "a" / "last.pt",
                                 "--iters", 1, "--frames", 2)) == 0
     res = subprocess.run([sys.executable, "infer.py", "--ensemble", str(base / "a" / "last.pt"),
                           str(base / "b" / "last.pt"), "--tta", "--tta-scales", "1.0,1.25", "--tta-merge", "mean",
@@ -138,7 +141,7 @@ def test_semi_loss_splits_reliable_and_unreliable_pixels(monkeypatch):
     torch.manual_seed(0)
     cfg = micro_config()
     student = SemiStudent(build_video_model(cfg, "segmenter"), cfg.model.mask_dim)
-    loss = SemiLoss(train.set_criterion(cfg), student, K, unsup_weight=1.0, contrastive_weight=0.1, queue_size=50)
+    loss = SemiLoss(set_criterion(cfg), student, K, unsup_weight=1.0, contrastive_weight=0.1, queue_size=50)
     g = torch.Generator().manual_seed(1)
     labels_l = torch.randint(0, K, (1, 2, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
     labels_u = torch.randint(0, K, (1, 2, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
@@ -220,12 +223,12 @@ def _params(ck: dict) -> set[str]:
 def semi_runs(setup):
     """From A: 2 steps straight (evaluated), and 1 step + resume for 1 more (iters 3)."""
     base, init = setup["base"], setup["base"] / "a" / "last.pt"
-    assert train.main(semi_args(setup, base / "s_straight", init, "--stop-at", 2, "--eval-every", 2)) == 0
-    assert train.main(semi_args(setup, base / "s_split", init, "--stop-at", 1)) == 0
+    assert train_main(semi_args(setup, base / "s_straight", init, "--stop-at", 2, "--eval-every", 2)) == 0
+    assert train_main(semi_args(setup, base / "s_split", init, "--stop-at", 1)) == 0
     first = load_checkpoint(base / "s_split" / "last.pt")
     # an explicit --bank-size equal to the tiny preset's default is the same setting
-    assert train.main(semi_args(setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto",
-                                "--bank-size", train.BANK_SIZE["tiny"])) == 0
+    assert train_main(semi_args(setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto",
+                                "--bank-size", tiny().semi.bank_size)) == 0
     return {"first": first, "straight": load_checkpoint(base / "s_straight" / "last.pt"),
             "resumed": load_checkpoint(base / "s_split" / "last.pt"), "out": base / "s_straight"}
 
@@ -237,8 +240,8 @@ def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, s
     assert sum(q.shape[0] for q in ck["semi_state"]["memory_bank"]["queues"]) > 0
     # the tiny preset's bank size (not U2PL's 30000), and only the filled rows are saved
     bank = ck["semi_state"]["memory_bank"]
-    assert bank["sizes"].tolist() == [train.BANK_SIZE["tiny"]] * K
-    assert all(q.shape[0] <= train.BANK_SIZE["tiny"] for q in bank["queues"])
+    assert bank["sizes"].tolist() == [tiny().semi.bank_size] * K
+    assert all(q.shape[0] <= tiny().semi.bank_size for q in bank["queues"])
     member = infer.load_member(semi_runs["out"] / "last.pt", torch.device("cpu"), None)
     assert member.stage == "segmenter"
     lines = [json.loads(x) for x in (semi_runs["out"] / "log.jsonl").read_text().splitlines()]
@@ -271,9 +274,9 @@ def test_teacher_starts_as_the_student_then_follows_the_ema(semi_runs):
 def test_semi_resume_rejects_another_bank_size(semi_runs, setup, capsys):
     out = setup["base"] / "s_split"
     argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--resume", "auto",
-                     "--bank-size", train.BANK_SIZE["tiny"] + 1)
-    assert train.main(argv) == 2
-    assert "different settings (bank_size)" in capsys.readouterr().err
+                     "--bank-size", tiny().semi.bank_size + 1)
+    assert train_main(argv) == 2
+    assert "different settings (semi.bank_size: 4096 -> 4097)" in capsys.readouterr().err
 
 
 def test_semi_resume_is_exact(semi_runs):
@@ -290,7 +293,7 @@ def test_semi_resume_is_exact(semi_runs):
 def test_semi_from_a_tracker_keeps_the_tracker_frozen(setup, tmp_path):
     init = setup["base"] / "trk" / "last.pt"
     out = tmp_path / "semi_trk"
-    assert train.main(semi_args(setup, out, init, "--iters", 1)) == 0
+    assert train_main(semi_args(setup, out, init, "--iters", 1)) == 0
     before, after = load_checkpoint(init), load_checkpoint(out / "last.pt")
     assert after["stage"] == "tracker" and after["semi"] is True
     tracker = [k for k in before["model"] if k.startswith("tracker.")]
@@ -302,10 +305,10 @@ def test_semi_from_a_tracker_keeps_the_tracker_frozen(setup, tmp_path):
 
 def test_semi_flag_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(base_args(setup, tmp_path / "a", "--stage", "semi", "--init", "x.pt"))
+        train_main(base_args(setup, tmp_path / "a", "--stage", "semi", "--init", "x.pt"))
     assert "--pseudo" in capsys.readouterr().err
     init = setup["base"] / "a" / "last.pt"
-    assert train.main(semi_args(setup, tmp_path / "b", init, "--unlabeled-split", "val",
+    assert train_main(semi_args(setup, tmp_path / "b", init, "--unlabeled-split", "val",
                                 "--pseudo", tmp_path / "nothing")) == 2
     assert "nothing" in capsys.readouterr().err
 

@@ -66,7 +66,7 @@ def brute_force_perm(prev, cur):
 
 
 def reference_track(trk, normed, raw, feats):
-    """Slow single-clip DVIS++ tracker written from dvis_plus.md section 3 (eval mode)."""
+    """Slow single-clip DVIS++ tracker written from DVIS_Plus dvis_Plus/tracker.py (eval mode)."""
 
     def layer(j, identity, reference, memory):
         rca = trk.transformer_cross_attention_layers[j]

@@ -3,6 +3,9 @@ weights_only, exact resume, DDP (2 gloo ranks) == one process accumulating the s
 micro-batches, SIGTERM leaves a checkpoint, a NaN loss stops with the last good checkpoint, bad
 input gives a clear error."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import signal
@@ -16,15 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py is a script at the repository root
-
-import train  # noqa: E402
+import vss.stages
+from helpers import REPO, free_port, script_main, write_ddp_train_wrapper
 from vss.checkpoint import load_checkpoint
-from vss.config import Config, tiny
+from vss.config import Config, migrate_config, tiny
 from vss.io import read_label_png, read_split, shift_labels
-from vss.synthetic import render_dataset
-from helpers import free_port, write_ddp_train_wrapper
+from vss.sampler import build_dataset
+from vss.stages import STAGES
+from vss.synthetic import TRAIN_ITERS, render_dataset
+
+train_main = script_main("train.py")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -42,7 +46,7 @@ def setup(tmp_path_factory):
     cfg.loss.num_points = 64
     cfg.data.base_size, cfg.data.min_scale, cfg.data.max_scale = 32, 1.0, 1.0
     cfg.data.crop_size, cfg.data.test_size = (32, 32), 32
-    cfg.optim.batch, cfg.optim.frames, cfg.optim.iters = 1, 2, 4
+    cfg.optim.batch, cfg.stages.segmenter.frames, cfg.optim.iters = 1, 2, 4
     (base / "micro.json").write_text(cfg.to_json())
     return {"base": base, "data": data, "config": base / "micro.json"}
 
@@ -54,6 +58,16 @@ def args_for(setup, out, *extra) -> list[str]:
 
 def run(argv, launcher=(sys.executable, "train.py"), timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, *argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def printed_config(argv) -> Config:
+    """The config train.py resolves for a command line (--print-config); raises its error."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = train_main([*map(str, argv), "--print-config"])
+    if code != 0:
+        raise ValueError(err.getvalue())
+    return Config.from_dict(json.loads(out.getvalue()))
 
 
 def log_lines(out: Path) -> list[dict]:
@@ -169,42 +183,42 @@ def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
-    stage = train.STAGES["segmenter"]
+    stage = STAGES["segmenter"]
 
-    def loss_nan_at_step_3(model, criterion, batch, step, cfg, mvc):
-        terms = stage.loss(model, criterion, batch, step, cfg, mvc)
+    def loss_nan_at_step_3(model, criterion, batch, step, cfg):
+        terms = stage.loss(model, criterion, batch, step, cfg)
         if step == 3:
             terms["loss_dice"] = terms["loss_dice"] * float("nan")
         return terms
 
-    monkeypatch.setitem(train.STAGES, "segmenter", stage._replace(loss=loss_nan_at_step_3))
+    monkeypatch.setitem(STAGES, "segmenter", dataclasses.replace(stage, loss=loss_nan_at_step_3))
     out = tmp_path / "nan"
-    assert train.main(args_for(setup, out, "--save-every", 1)) == 1
+    assert train_main(args_for(setup, out, "--save-every", 1)) == 1
     assert "non-finite loss" in capsys.readouterr().err
     assert load_checkpoint(out / "last.pt")["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
 def test_bad_input_gives_a_clear_error(setup, straight, tmp_path, capsys):
-    assert train.main(args_for(setup, tmp_path / "a", "--resume", tmp_path / "missing.pt")) == 2
+    assert train_main(args_for(setup, tmp_path / "a", "--resume", tmp_path / "missing.pt")) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
-    assert train.main(args_for(setup, tmp_path / "b", "--resume", straight / "last.pt", "--seed", 5)) == 2
-    assert "different settings (seed)" in capsys.readouterr().err
+    assert train_main(args_for(setup, tmp_path / "b", "--resume", straight / "last.pt", "--seed", 5)) == 2
+    assert "different settings (train.seed: 0 -> 5)" in capsys.readouterr().err
     bad = args_for(setup, tmp_path / "c")
     bad[bad.index("--data") + 1] = str(tmp_path / "nowhere")
-    assert train.main(bad) == 2
+    assert train_main(bad) == 2
     assert "nowhere" in capsys.readouterr().err
 
 
 def test_init_loads_a_checkpoint_and_rejects_a_foreign_one(setup, straight, tmp_path, capsys):
     out = tmp_path / "init"
-    assert train.main(args_for(setup, out, "--init", straight / "last.pt", "--lr", 0, "--iters", 1)) == 0
+    assert train_main(args_for(setup, out, "--init", straight / "last.pt", "--lr", 0, "--iters", 1)) == 0
     start, after = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert after["step"] == 1  # a new run, starting from the weights
     params = [k for k in start["model"] if "running_" not in k and "num_batches" not in k]
     assert all(torch.equal(start["model"][k], after["model"][k]) for k in params)  # lr 0
     torch.save({"head.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert train.main(args_for(setup, tmp_path / "x", "--init", tmp_path / "foreign.pt")) == 2
+    assert train_main(args_for(setup, tmp_path / "x", "--init", tmp_path / "foreign.pt")) == 2
     assert "foreign.pt matches neither" in capsys.readouterr().err
 
 
@@ -243,18 +257,18 @@ def tracker_run(setup, straight, tmp_path_factory):
     records the `guided` flag of every video_loss call."""
     out = tmp_path_factory.mktemp("tracker")
     flags = []
-    real = train.video_loss
+    real = vss.stages._guided
 
-    def spy(model, batch, criterion, *, guided=False, mvc=None):
-        flags.append(guided)
-        return real(model, batch, criterion, guided=guided, mvc=mvc)
+    def spy(step, cfg):
+        flags.append(real(step, cfg))
+        return flags[-1]
 
-    train.video_loss = spy
+    vss.stages._guided = spy
     try:
-        code = train.main(args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt",
+        code = train_main(args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt",
                                    "--frames", 3, "--eval-every", 4))
     finally:
-        train.video_loss = real
+        vss.stages._guided = real
     assert code == 0
     return out, flags
 
@@ -263,7 +277,7 @@ def test_tracker_stage_freezes_the_segmenter_and_guides_the_first_half(tracker_r
     out, guided = tracker_run
     seg, trk = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert trk["stage"] == "tracker" and trk["semi"] is False and trk["step"] == 4
-    assert trk["config"]["optim"]["frames"] == 3
+    assert trk["config"]["stages"]["tracker"]["frames"] == 3
     # the frozen segmenter (parameters and BatchNorm buffers) is bitwise the init's
     assert _keys(trk["model"], "segmenter") == _keys(seg["model"], "segmenter")
     assert all(torch.equal(trk["model"][k], seg["model"][k]) for k in _keys(seg["model"], "segmenter"))
@@ -280,7 +294,7 @@ def test_tracker_stage_freezes_the_segmenter_and_guides_the_first_half(tracker_r
 def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
     trk = load_checkpoint(tracker_run[0] / "last.pt")
     out = tmp_path / "refiner"
-    assert train.main(args_for(setup, out, "--stage", "refiner", "--init", tracker_run[0] / "last.pt",
+    assert train_main(args_for(setup, out, "--stage", "refiner", "--init", tracker_run[0] / "last.pt",
                                "--frames", 4, "--iters", 2, "--eval-every", 2, "--mvc", "--mvc-patch", 8)) == 0
     ref = load_checkpoint(out / "last.pt")
     assert ref["stage"] == "refiner" and ref["step"] == 2
@@ -297,9 +311,9 @@ def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
 def test_refiner_resume_restores_the_class_memory(tracker_run, setup, tmp_path):
     extra = ("--stage", "refiner", "--init", tracker_run[0] / "last.pt", "--frames", 3, "--iters", 3)
     straight_out, split_out = tmp_path / "a", tmp_path / "b"
-    assert train.main(args_for(setup, straight_out, *extra)) == 0
-    assert train.main(args_for(setup, split_out, *extra, "--stop-at", 1)) == 0
-    assert train.main(args_for(setup, split_out, *extra, "--resume", "auto")) == 0
+    assert train_main(args_for(setup, straight_out, *extra)) == 0
+    assert train_main(args_for(setup, split_out, *extra, "--stop-at", 1)) == 0
+    assert train_main(args_for(setup, split_out, *extra, "--resume", "auto")) == 0
     a, b = load_checkpoint(straight_out / "last.pt"), load_checkpoint(split_out / "last.pt")
     assert_same_state(a, b, exact=True)
     assert a["class_memory"][0].keys() == b["class_memory"][0].keys()
@@ -307,13 +321,13 @@ def test_refiner_resume_restores_the_class_memory(tracker_run, setup, tmp_path):
 
 
 def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, capsys):
-    assert train.main(args_for(setup, tmp_path / "a", "--stage", "refiner", "--init", straight / "last.pt")) == 2
+    assert train_main(args_for(setup, tmp_path / "a", "--stage", "refiner", "--init", straight / "last.pt")) == 2
     assert "without ['tracker'] weights" in capsys.readouterr().err
-    assert train.main(args_for(setup, tmp_path / "b", "--stage", "tracker")) == 2
+    assert train_main(args_for(setup, tmp_path / "b", "--stage", "tracker")) == 2
     assert "pass --init with a segmenter checkpoint" in capsys.readouterr().err
     # a tracker checkpoint as --init of the segmenter stage: the segmenter is loaded, the
     # tracker ignored, and the message says so
-    assert train.main(args_for(setup, tmp_path / "c", "--init", tracker_run[0] / "last.pt", "--iters", 1)) == 0
+    assert train_main(args_for(setup, tmp_path / "c", "--init", tracker_run[0] / "last.pt", "--iters", 1)) == 0
     printed = capsys.readouterr().out
     assert "loaded segmenter" in printed and "ignored from the checkpoint: tracker" in printed
 
@@ -321,7 +335,7 @@ def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, 
 def test_time_budget_stops_early_evaluates_and_saves(setup, tmp_path):
     out = tmp_path / "budget"
     # this process has used far more than 0.01 CPU-minutes already: it stops after step 1
-    assert train.main(args_for(setup, out, "--iters", 50, "--time-budget", 0.01, "--eval-every", 25)) == 0
+    assert train_main(args_for(setup, out, "--iters", 50, "--time-budget", 0.01, "--eval-every", 25)) == 0
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 1 and ck["cpu_minutes"] > 0.01
     lines = log_lines(out)
@@ -343,10 +357,9 @@ def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
     root = _image_folder(tmp_path / "imgs", [10, 20, 30])
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"num_target_classes": 2, "map": {"10": 0, "20": 1}}))
-    argv = args_for(setup, tmp_path / "x", "--extra", f"{root}:{mapping}")
-    args = train.get_args_parser().parse_args(argv)
-    cfg = train.build_config(args, 2, None)
-    positioned = train.build_dataset(setup["data"], args, cfg)
+    cfg = printed_config(args_for(setup, tmp_path / "x", "--extra", f"{root}:{mapping}"))
+    assert cfg.train.extra == (f"{root}:{mapping}",)
+    positioned = build_dataset(setup["data"], cfg)
     n_videos = len(positioned.dataset.videos)
     # proportional: one epoch = every video and every image exactly once
     epoch = [positioned.locate(g) for g in range(n_videos + 3)]
@@ -360,49 +373,61 @@ def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
         assert set(clip["labels"][t].unique().tolist()) == {expect}
     # --extra-ratio 1: every slot is an image; training runs on them
     out = tmp_path / "run"
-    assert train.main(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1, "--iters", 2)) == 0
-    args = train.get_args_parser().parse_args(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1))
-    positioned = train.build_dataset(setup["data"], args, cfg)
+    assert train_main(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1, "--iters", 2)) == 0
+    positioned = build_dataset(setup["data"], Config.from_dict(load_checkpoint(out / "last.pt")["config"]))
     assert all(positioned.locate(g)[0] == 0 for g in range(20))
     assert load_checkpoint(out / "last.pt")["step"] == 2
 
 
 def test_extra_flag_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(args_for(setup, tmp_path / "a", "--stage", "tracker", "--extra", "x:y"))
+        train_main(args_for(setup, tmp_path / "a", "--stage", "tracker", "--extra", "x:y"))
     assert "per-frame stage" in capsys.readouterr().err
-    assert train.main(args_for(setup, tmp_path / "b", "--extra", f"{tmp_path}/none:{tmp_path}/m.json")) == 2
+    assert train_main(args_for(setup, tmp_path / "b", "--extra", f"{tmp_path}/none:{tmp_path}/m.json")) == 2
     assert "m.json" in capsys.readouterr().err
 
 
-def test_config_defaults_of_stages_and_embedded_data(setup):
-    def parse(argv):
-        return train.get_args_parser().parse_args([str(a) for a in argv])
-
-    cfg = train.build_config(parse(["--preset", "r50", "--stage", "refiner", "--data", "d"]), 124, None)
-    assert cfg.optim.frames == 21 and cfg.data.base_size == 480 and cfg.optim.iters == 20000
-    frames = lambda argv: train.build_config(parse(argv), 6, None).optim.frames  # noqa: E731
-    assert frames(["--preset", "r50", "--stage", "tracker", "--data", "d"]) == 5
-    assert frames(["--stage", "refiner", "--frames", 6]) == 6
-    assert frames(["--stage", "refiner"]) == train.CLIP_FRAMES["refiner"]["tiny"] == 9
-    assert frames(["--stage", "tracker"]) == 5 and frames(["--stage", "semi", "--pseudo", "p"]) == 2
+def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
+    data = ["--data", setup["data"]]
+    cfg = printed_config(["--preset", "r50", "--stage", "refiner", *data])
+    assert (cfg.clip.frames, cfg.clip.reverse_prob, cfg.data.base_size, cfg.optim.iters) == (21, 0.5, 480, 20000)
+    frames = lambda argv: printed_config(argv).clip.frames  # noqa: E731
+    assert frames(["--preset", "r50", "--stage", "tracker", *data]) == 5
+    assert frames(["--stage", "refiner", "--frames", 6, *data]) == 6
+    assert frames(["--stage", "refiner", *data]) == tiny().stages.refiner.frames == 9
+    assert frames(["--stage", "tracker", *data]) == 5 and frames(["--stage", "semi", "--pseudo", "p", *data]) == 2
     # the embedded synthetic data (no --data): its own scale and a short schedule
-    cfg = train.build_config(parse([]), 6, None)
+    cfg = printed_config([])
     assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size) == (120, (128, 160), 120)
-    assert cfg.optim.iters == train.SYNTHETIC_ITERS and cfg.optim.frames == 2
-    cfg = train.build_config(parse(["--crop", 96, 96, "--test-size", 100, "--iters", 7]), 6, None)
+    assert cfg.optim.iters == TRAIN_ITERS and cfg.clip.frames == 2 and cfg.model.num_classes == 6
+    cfg = printed_config(["--crop", 96, 96, "--test-size", 100, "--iters", 7])
     assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size, cfg.optim.iters) == (240, (96, 96), 100, 7)
-    assert train.build_config(parse(["--base-size", 64, "--data", "d"]), 6, None).data.base_size == 64
+    assert printed_config(["--base-size", 64, *data]).data.base_size == 64
+    # every setting lands in the config: MVC, semi, seed, split
+    cfg = printed_config(["--mvc", "--mvc-ratio", 0.5, "--mvc-weight", 2, "--seed", 7, "--split", "val", *data])
+    assert (cfg.mvc.enabled, cfg.mvc.patch_size, cfg.mvc.ratio, cfg.mvc.weight) == (True, None, 0.5, 2.0)
+    assert (cfg.train.seed, cfg.train.split) == (7, "val")
+    cfg = printed_config(["--stage", "semi", "--pseudo", "p", "--bank-size", 9, "--ema-decay", 0.5, *data])
+    assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
     # without --config/--preset the --init checkpoint's config is the base
-    micro = Config.from_dict(json.loads(setup["config"].read_text()))
-    micro.model.num_classes = 2
-    init = {"path": "x.pt", "config": micro.to_dict()}
-    cfg = train.build_config(parse(["--stage", "tracker", "--data", "d"]), 2, init)
-    assert cfg.model.hidden_dim == 32 and cfg.optim.frames == 5
+    cfg = printed_config(["--stage", "tracker", "--init", straight / "last.pt", *data])
+    assert cfg.model.hidden_dim == 32 and cfg.clip.frames == 5 and cfg.optim.iters == 4
     with pytest.raises(ValueError, match="predicts 2 classes"):
-        train.build_config(parse(["--data", "d"]), 3, init)
-    args = parse(["--stage", "refiner", "--data", str(setup["data"]), "--frames", 3])
-    assert train.build_dataset(setup["data"], args, train.build_config(args, 2, None)).dataset.reverse_prob == 0.5
+        printed_config(["--init", straight / "last.pt", "--num-classes", 3, *data])
+
+
+def test_config_json_round_trips_every_setting(tmp_path):
+    """config.json (Config.to_json) gives back an equal Config, with every field non-default."""
+    cfg = tiny()
+    cfg.train.extra, cfg.train.extra_ratio, cfg.mvc.patch_size = ("a:b", "c:d"), 0.25, 12
+    cfg.semi.pseudo, cfg.stages.refiner.reverse_prob, cfg.data.crop_size = "p", 0.3, (10, 20)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    back = Config.from_dict(json.loads(path.read_text()))
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+    assert type(back.train.extra) is tuple and type(back.data.crop_size) is tuple
+    with pytest.raises(ValueError, match="unknown MVCConfig keys"):
+        Config.from_dict({**cfg.to_dict(), "mvc": {"enabled": True, "lamda": 1}})
 
 
 @pytest.mark.parametrize("stage", ["tracker", "refiner"])
@@ -419,9 +444,38 @@ def test_video_stages_give_every_trainable_parameter_a_gradient(setup, stage):
              for _ in range(2)]
     for guided in (True, False):
         torch.manual_seed(0)
-        model, criterion = train.build_video_stage(cfg, None, stage)
+        cfg.train.stage, cfg.optim.iters = stage, 2
+        model, criterion = STAGES[stage].build(cfg, stage)
         model.train()
-        terms = train.video_loss(model, collate_clips(items), criterion, guided=guided)
+        terms = STAGES[stage].loss(model, criterion, collate_clips(items), 1 if guided else 2, cfg)
         sum(terms.values()).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing and all(n.startswith(stage + ".") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(tmp_path, capsys):
+    """tests/data/legacy_checkpoint_meta.json holds the metadata of a checkpoint saved by train.py
+    before the typed per-stage config (step 2 of a 4-step MVC run; config with optim.frames, the
+    run settings in "args") and the model after all 4 steps. The same command line on today's code,
+    stopped at step 2, its checkpoint turned into the old format, then resumed, must continue as the
+    old code did; changed settings are refused, leaving them out takes the checkpoint's."""
+    meta = json.loads((REPO / "tests" / "data" / "legacy_checkpoint_meta.json").read_text())
+    data = render_dataset(tmp_path / "data", num_videos=4, frames=(4, 5), height=32, width=32, num_classes=2, seed=3)
+    migrated = Config.from_dict(migrate_config(meta["config"], meta["stage"], meta["args"]))
+    assert (migrated.mvc.enabled, migrated.mvc.patch_size, migrated.mvc.ratio) == (True, 8, 0.7)
+    assert (migrated.train.seed, migrated.clip.frames, migrated.semi.bank_size) == (3, 2, 4096)
+    (tmp_path / "micro.json").write_text(json.dumps(meta["config"]))  # an old-format --config is migrated too
+    argv = ["--config", tmp_path / "micro.json", "--data", data, "--out", tmp_path / "run", "--workers", 0,
+            "--eval-every", 0, "--mvc", "--mvc-patch", 8, "--seed", 3]
+    assert train_main([*map(str, argv), "--stop-at", "2"]) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt.update({"config": meta["config"], "args": meta["args"]})
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    resume = ["--data", data, "--out", tmp_path / "run", "--workers", 0, "--eval-every", 0, "--resume", "auto"]
+    assert train_main([*map(str, resume), "--mvc-ratio", "0.5"]) == 2
+    assert "different settings (mvc.ratio: 0.7 -> 0.5)" in capsys.readouterr().err
+    assert train_main(list(map(str, resume))) == 0
+    final = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert final["step"] == 4 and final["config"] == migrated.to_dict()
+    for key, total in meta["final_sums"].items():
+        assert float(final["model"][key].double().sum()) == pytest.approx(total, rel=1e-5, abs=1e-6), key

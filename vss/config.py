@@ -1,11 +1,13 @@
 """Configuration: one dataclass per component, a few named presets, saved as JSON with every
-checkpoint.
+checkpoint. A ``Config`` describes a whole training run: model, losses, data, schedule, the clips
+of every stage, the run's stage and seed, MVC and the semi-supervised (U2PL) settings; a run's
+``config.json`` round-trips it exactly, and a resumed run is compared field by field.
 
 Presets (``PRESETS``):
 - ``tiny``: a CPU-sized Mask2Former (ResNet-18, hidden 128, 50 queries, 3 encoder / 6 decoder
   layers) for the embedded synthetic data, tests and CPU benchmarks.
-- ``r50``: the DVIS++ R50 VSPW config (``reference/dvis_plus.md`` section 1: 100 queries,
-  hidden 256, 6 deformable encoder layers, 9 masked-attention layers, 12544 points).
+- ``r50``: the DVIS++ R50 VSPW config (DVIS_Plus ``configs/dvis_Plus/VSPW/*R50*.yaml``: 100
+  queries, hidden 256, 6 deformable encoder layers, 9 masked-attention layers, 12544 points).
 - ``vitl``: DINOv2 ViT-L/14 (frozen) + multi-scale neck, 200 queries, otherwise as ``r50``.
 
 No config framework: a preset is a function returning a ``Config``; scripts override fields
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 
 
@@ -88,8 +91,63 @@ class OptimConfig:
     clip_grad: float = 0.01  # full-model L2 gradient clipping (DVIS++ uses 0.01)
     iters: int = 20000
     lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of iters where LR *= 0.1 (14k, 18k of 20k)
-    batch: int = 1  # clips per rank
-    frames: int = 1  # clip length (stage 1 MinVIS: 1; stage 2: 5; stage 3: 21)
+    batch: int = 1  # clips per rank and micro-batch
+
+
+@dataclass
+class ClipConfig:
+    """The training clips of one stage (DVIS++ INPUT.SAMPLING_FRAME_NUM, INPUT.REVERSE_AGU)."""
+
+    frames: int = 1  # T
+    reverse_prob: float = 0.0  # probability of reversing a clip in time
+
+
+@dataclass
+class StagesConfig:
+    """Clips per training stage; the run uses the one of ``TrainConfig.stage``."""
+
+    segmenter: ClipConfig = field(default_factory=lambda: ClipConfig(frames=1))  # MinVIS: images
+    tracker: ClipConfig = field(default_factory=lambda: ClipConfig(frames=5))  # DVIS++ online NUM 5
+    refiner: ClipConfig = field(default_factory=lambda: ClipConfig(frames=21, reverse_prob=0.5))  # offline
+    semi: ClipConfig = field(default_factory=lambda: ClipConfig(frames=1))
+
+
+@dataclass
+class MVCConfig:
+    """Masked Video Consistency (MVC paper section 2.2; ``vss/mvc.py``)."""
+
+    enabled: bool = False
+    patch_size: int | None = None  # b; None: 64 at a 480 short side, scaled with DataConfig.base_size
+    ratio: float = 0.7  # r, the fraction of hidden patches
+    weight: float = 1.0  # lambda of Eq. (4)
+
+
+@dataclass
+class SemiConfig:
+    """The semi-supervised stage (PVUW 2024 1st place + U2PL; ``vss/semi_stage.py``)."""
+
+    pseudo: str | None = None  # folder of pseudo labels + entropies (infer.py --save-probs)
+    unlabeled_split: str = "test"
+    unlabeled_data: str | None = None  # VSPW-layout root of the unlabelled videos (None: --data)
+    unsup_weight: float = 1.0  # lambda_u of the pseudo-label set loss
+    contrastive_weight: float = 0.1  # lambda_c of the U2PL contrastive loss (the paper's)
+    drop_percent: float = 80.0  # U2PL: reliable percentile at the start, -> 100
+    entropy_alpha: float = 20.0  # U2PL alpha_0: % of low/high-entropy pixels for anchors/negatives
+    ema_decay: float = 0.99  # teacher EMA
+    # Memory-bank keys per class (256 float32 = 1 KiB each, in host RAM on every rank and in every
+    # checkpoint once filled): U2PL's 30000 is ~3.8 GB with VSPW's 124 classes.
+    bank_size: int = 30000
+
+
+@dataclass
+class TrainConfig:
+    """What the run trains on and how its randomness is seeded."""
+
+    stage: str = "segmenter"  # segmenter | tracker | refiner | semi
+    seed: int = 0  # initialisation, data order and sampling
+    split: str = "train"
+    extra: tuple[str, ...] = ()  # extra image datasets, "ROOT:MAPFILE" each
+    extra_ratio: float | None = None  # fraction of labelled slots from the extra images
 
 
 @dataclass
@@ -99,6 +157,15 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mvc: MVCConfig = field(default_factory=MVCConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+
+    @property
+    def clip(self) -> ClipConfig:
+        """The clips of the run's stage."""
+        return getattr(self.stages, self.train.stage)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,29 +176,75 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Inverse of ``to_dict``; unknown keys are an error (a config from another version
-        should fail loudly, not be half-read)."""
-        parts = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            value = d[f.name]
-            sub = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "optim": OptimConfig}
-            if f.name in sub:
-                value = _from_dict(sub[f.name], value)
-            parts[f.name] = value
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**parts)
+        should fail loudly, not be half-read); missing sections and fields take their defaults.
+        Configs saved before the per-stage clips existed go through ``migrate_config`` first."""
+        return _from_dict(cls, d)
 
 
 def _from_dict(kind, d: dict):
-    names = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = set(d) - set(names)
+    if not isinstance(d, dict):
+        raise ValueError(f"{kind.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(d) - names
     if unknown:
         raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
-    # JSON turns tuples into lists; restore them so configs compare equal after a round trip.
-    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    values = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value)
+        elif isinstance(value, list):  # JSON turns tuples into lists; restore them
+            value = tuple(value)
+        values[name] = value
+    return kind(**values)
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted names of the fields that differ, with both values, e.g. "optim.lr: 0.0001 -> 0.001"."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def migrate_config(config: dict, stage: str | None = None, args: dict | None = None) -> dict:
+    """A config dict saved before ``stages``/``train``/``mvc``/``semi`` existed, in today's layout.
+
+    Such a config held the run's clip length in ``optim.frames`` and the run settings in the
+    checkpoint's ``args`` (the parsed command line). The clips of the other stages come from the
+    preset of the same name. Today's configs are returned unchanged.
+
+    Args:
+        config: the saved ``config`` dict.
+        stage: the checkpoint's trained stage ("semi" for a semi run).
+        args: the checkpoint's ``args`` dict (None: defaults).
+    """
+    if "optim" not in config or "frames" not in config["optim"]:
+        return config
+    config = json.loads(json.dumps(config))  # a deep copy
+    frames = config["optim"].pop("frames")
+    args = args or {}
+    stage = stage or args.get("stage") or "segmenter"
+    base = PRESETS[config["name"]]() if config.get("name") in PRESETS else Config()
+    stages = dataclasses.asdict(base.stages)
+    stages[stage]["frames"] = frames
+    config["stages"] = stages
+    config["train"] = {"stage": stage, "seed": args.get("seed", 0), "split": args.get("split", "train"),
+                       "extra": list(args.get("extra") or []), "extra_ratio": args.get("extra_ratio")}
+    config["mvc"] = {"enabled": bool(args.get("mvc")), "patch_size": args.get("mvc_patch"),
+                     "ratio": args.get("mvc_ratio", 0.7), "weight": args.get("mvc_weight", 1.0)}
+    semi = dataclasses.asdict(base.semi)
+    for key in ("pseudo", "unlabeled_split", "unlabeled_data", "unsup_weight", "contrastive_weight",
+                "drop_percent", "entropy_alpha", "ema_decay", "bank_size"):
+        if args.get(key) is not None:
+            semi[key] = args[key]
+    config["semi"] = semi
+    return config
 
 
 def tiny() -> Config:
@@ -146,7 +259,13 @@ def tiny() -> Config:
         ),
         loss=LossConfig(num_points=3136),  # 56**2: enough for 240x320 masks at stride 4
         data=DataConfig(base_size=240, crop_size=(240, 320), test_size=240),
-        optim=OptimConfig(lr=2e-4, iters=600, batch=2, frames=2, clip_grad=1.0),
+        optim=OptimConfig(lr=2e-4, iters=600, batch=2, clip_grad=1.0),
+        # Stage 3's 21-frame clips cost ~4x a 5-frame one per step: scaled down for the CPU.
+        stages=StagesConfig(segmenter=ClipConfig(frames=2), tracker=ClipConfig(frames=5),
+                            refiner=ClipConfig(frames=9, reverse_prob=0.5), semi=ClipConfig(frames=2)),
+        # 4096 keys per class: ~24 MB with the synthetic data's 6 classes (30000 made 118 MB of a
+        # 342 MB checkpoint there), about two steps of negatives of the default synthetic run.
+        semi=SemiConfig(bank_size=4096),
     )
 
 

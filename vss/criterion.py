@@ -3,7 +3,8 @@
 Paper: Mask2Former (Cheng et al., CVPR 2022) section 3.3 and 4 (training efficiency); the loss is
 DETR's set loss (Carion et al., ECCV 2020, section 3.1, Eq. (1)-(2)) with mask BCE + dice instead
 of box losses; PointRend (section 3.2) importance sampling of the mask-loss points. Numbers and
-details from ``reference/dvis_plus.md`` section 2 ("Loss"):
+details from DVIS_Plus ``mask2former_video/modeling/criterion.py`` (``VideoSetCriterion``) and
+``matcher.py``:
 
 - class loss: cross-entropy over K+1 classes, unmatched queries target "no object" (index K)
   whose class weight is 0.1; averaged as ``F.cross_entropy(weight=...)`` does (sum of weighted
@@ -260,7 +261,7 @@ def reid_contrastive_loss(
 ) -> torch.Tensor:
     """IDOL-style contrastive re-identification loss on raw dot products.
 
-    For anchor a with positives {p} and negatives {n} (``reference/dvis_plus.md`` section 2,
+    For anchor a with positives {p} and negatives {n} (IDOL's loss as DVIS_Plus ``dvis_Plus/meta_architecture.py`` uses it,
     "Segmenter training for VSS", used by the tracker (section 3) and refiner (section 4);
     IDOL, Wu et al., ECCV 2022, Eq. (2)):
 

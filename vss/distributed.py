@@ -2,7 +2,7 @@
 evaluation loops need.
 
 Not a paper component: the engineering the DVIS++ recipe assumes (8 GPUs, one clip each,
-`reference/dvis_plus.md` section 1). `torchrun --nproc_per_node 8 train.py` sets RANK,
+DVIS_Plus `configs/dvis_Plus/VSPW/*.yaml`). `torchrun --nproc_per_node 8 train.py` sets RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `init_distributed` reads them and returns
 the state explicitly (no patched `print`, no mutated argparse namespace). Without those
 variables everything runs as a single process and the collectives are identities, so the same
@@ -126,6 +126,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     work = out.to(_comm_device())
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(t.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on some rank (collective)."""
+    return float(all_reduce_sum(torch.tensor([float(flag)]))) > 0
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:

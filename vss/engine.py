@@ -1,7 +1,7 @@
 """Training and evaluation helpers that `train.py` composes: optimiser, LR schedule, mixed
 precision, one training step, and distributed evaluation.
 
-Recipe: DVIS++ (`reference/dvis_plus.md` section 1, from `DVIS_Plus/train_net_video.py::
+Recipe: DVIS++ (DVIS_Plus `configs/dvis_Plus/VSPW/*.yaml` and `train_net_video.py::
 build_optimizer`, which is Mask2Former's):
 - AdamW, base LR 1e-4, weight decay 0.05; backbone parameters at LR x 0.1 (BACKBONE_MULTIPLIER).
 - Weight decay 0 for the parameters of normalisation layers (detectron2 WEIGHT_DECAY_NORM 0) and
@@ -13,7 +13,7 @@ build_optimizer`, which is Mask2Former's):
   10 warm-up iterations at factor 1.0, i.e. no warm-up).
 - AMP: fp16 autocast + GradScaler on V100s (no bf16 there); bf16 or fp32 elsewhere.
 
-Evaluation (style habit 12): every rank predicts its share of the videos (video i on rank
+Evaluation: every rank predicts its share of the videos (video i on rank
 i % world, no padding duplicates), accumulates the confusion matrix and the VC windows with
 `vss.metrics`, the matrix is all-reduced once, the per-video VC ratios are gathered, and every
 rank returns the same official figures.
@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import math
+import resource
 import warnings
+from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
 import cv2
@@ -35,7 +38,7 @@ from tqdm import tqdm
 
 from vss.config import DataConfig, OptimConfig
 from vss.data import normalize
-from vss.io import EvalVideo, read_frame, read_label_png, shift_labels
+from vss.io import EvalVideo, json_safe, read_frame, read_label_png, shift_labels
 from vss.distributed import all_gather_object, all_reduce_sum, get_rank, get_world_size
 from vss.metrics import DatasetStats, VideoStats, summarize
 
@@ -117,6 +120,9 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}  # --amp -> autocast dtype
+
+
 def make_autocast(
     device: torch.device | str, mode: str
 ) -> tuple[Callable[[], ContextManager], torch.amp.GradScaler | None]:
@@ -133,6 +139,8 @@ def make_autocast(
     device_type = torch.device(device).type
     if mode == "off":
         return contextlib.nullcontext, None
+    if mode not in AMP_DTYPES:
+        raise ValueError(f"amp mode must be 'fp16', 'bf16' or 'off', got {mode!r}")
     if mode == "bf16":
         if device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("--amp bf16 needs a GPU with bfloat16 support (V100 has none); "
@@ -333,3 +341,30 @@ def evaluate_model(
             entry[f"VC{n}_windows"] = int(ratios[n].size)
         total.videos[name] = entry
     return summarize(total, class_names)
+
+
+def evaluate_video_model(model: nn.Module, videos: Sequence[EvalVideo], data_cfg: DataConfig, num_classes: int,
+                         *, amp: str = "off", device: torch.device | str = "cpu",
+                         class_names: Sequence[str] | None = None, progress: bool = False) -> dict:
+    """``evaluate_model`` of a ``VideoModel`` by its stage's inference (``predict_video``); every
+    rank predicts its share with the unwrapped model (never through the DDP wrapper)."""
+    from vss.video_model import predict_video
+
+    def predict(frames: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return predict_video(model, frames, out_size, autocast_dtype=AMP_DTYPES[amp])["labels"]
+
+    return evaluate_model(predict, videos, data_cfg, num_classes, device=device, class_names=class_names,
+                          progress=progress)
+
+
+def log_json(path: Path, record: dict) -> None:
+    """Append one strict-JSON line (NaN -> null) to ``path`` (call on rank 0)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

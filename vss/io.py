@@ -118,6 +118,20 @@ def decode_png(data: bytes, path: str | os.PathLike, what: str = "PNG") -> np.nd
     return arr
 
 
+def read_png(path: str | os.PathLike, what: str = "PNG") -> np.ndarray:
+    """A PNG file decoded by ``decode_png`` (read once, decoded from its bytes).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: corrupt, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    return decode_png(data, path, what)
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG as (H,W) uint8 values (raw, not shifted).
 
@@ -127,12 +141,7 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     Raises:
         FileNotFoundError: missing file. ValueError: unreadable, corrupt or not 8-bit.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label file not found: {path}") from None
-    arr = decode_png(data, path, "label PNG")
+    arr = read_png(path, "label PNG")
     if arr.ndim == 3:
         arr = arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, 2]  # cv2 gives BGR(A): index 2 is red
     if arr.dtype != np.uint8:
@@ -140,6 +149,25 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim != 2:
         raise ValueError(f"label PNG {path} has shape {arr.shape}; expected (H, W)")
     return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
+
+
+def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a prediction PNG as (H,W) integer class ids.
+
+    Palette PNGs give their indices through PIL (cv2 would expand them to colours); grey 8/16-bit
+    PNGs are decoded by cv2. Colour images are refused: their values are not class ids. The
+    array may be read-only (a palette PNG's, to save a copy).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: corrupt file or not a single-channel image.
+    """
+    arr = read_png(path, "prediction PNG")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: prediction has shape {arr.shape}; write class ids as a single-channel "
+                         "(grey or palette) PNG")
+    return arr
 
 
 def shift_labels(raw: np.ndarray) -> np.ndarray:
@@ -240,6 +268,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     finally:
         if tmp.exists():  # the block failed (BaseException too: Ctrl-C mid-write)
             tmp.unlink()
+
+
+def json_safe(x):
+    """Plain JSON values, recursively: numpy scalars as numbers, tuples as lists, keys as strings,
+    NaN/inf (e.g. VC16 of videos shorter than 17 frames) as null, since strict JSON has none."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    """Write ``json_safe(obj)`` as strict JSON through a temp file + os.replace, so readers never
+    see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(json_safe(obj), f, indent=indent, allow_nan=False)
 
 
 def write_label_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:

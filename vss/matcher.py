@@ -3,7 +3,7 @@
 Paper: Mask2Former (Cheng et al., CVPR 2022) section 3.3 / 4 "Improving training efficiency":
 matching and mask losses are computed on K = 112 x 112 = 12544 sampled points instead of whole
 masks; PointRend (Kirillov et al., CVPR 2020) section 3.2 for the importance sampling of the loss
-points. DVIS++ (Zhang et al., 2023) section 3.2 / 3.3 (``reference/dvis_plus.md`` sections 2-4)
+points. DVIS++ (Zhang et al., 2023) section 3.2 / 3.3 (DVIS_Plus ``mask2former_video/modeling/matcher.py``, ``dvis_Plus/meta_architecture.py``)
 for the two video variants:
 
 - first-appearance-consistent matching of the referring tracker
@@ -148,7 +148,7 @@ def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def flatten_clip_masks(masks: torch.Tensor) -> torch.Tensor:
     """Stack the frames of clip masks vertically, ``(..., T, H, W) -> (..., T*H, W)``.
 
-    DVIS++'s refiner (``reference/dvis_plus.md`` section 4) treats a clip as one tall image
+    DVIS++'s refiner (``dvis_Plus/meta_architecture.py`` ``DVIS_Plus_offline``) treats a clip as one tall image
     (``(t h) w``) for video-level matching and loss, with ``T * num_points`` points; use this on
     the predictions (Q,T,h,w) and the targets (M,T,H,W) and scale ``num_points`` by T. Points
     near a frame seam interpolate between the last row of one frame and the first of the next,
@@ -323,7 +323,7 @@ class HungarianMatcher:
             tgt_labels: (M,) class ids of the clip's targets.
             tgt_masks: (M,T,H,W) target masks on every frame.
             appear: (M,T) bool, whether target m is present (has a valid id) in frame t. Default:
-                all True. That is the VSS rule (``reference/dvis_plus.md`` section 5: every class
+                all True. That is the VSS rule (``dvis_Plus/data_video/dataset_mapper_vss.py``: every class
                 of the clip has an id on every frame, even where its mask is empty), so all
                 matching then happens at frame 0. Targets that never appear stay unmatched.
 

@@ -9,7 +9,7 @@ Paper: Liang et al., "Semantic Segmentation on VSPW Dataset through Masked Video
 The equation is MIC's masking (Hoyer et al., CVPR 2023; `lhoyer/MIC` BlockMaskGenerator,
 read for understanding, not copied).
 
-Readings of what the paper leaves open (DESIGN.md "Method details"; configurable):
+Readings of what the paper leaves open (configurable, ``vss.config.MVCConfig``):
 - The mask is drawn independently for every frame of every clip (MIC draws one per image);
   each region then stays visible in some frames, which is what makes the paper's "use the
   preceding and succeeding frames" rationale possible.
@@ -28,9 +28,14 @@ Readings of what the paper leaves open (DESIGN.md "Method details"; configurable
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from vss.config import Config
+
+BASE_PATCH, BASE_SIZE = 64, 480  # b = 64 at the VSPW 480p scale (MIC's value)
 
 
 def scaled_patch_size(base_patch: int, base_size: int, size: int) -> int:
@@ -46,6 +51,15 @@ def scaled_patch_size(base_patch: int, base_size: int, size: int) -> int:
     if base_patch < 1 or base_size < 1 or size < 1:
         raise ValueError(f"sizes must be positive, got {base_patch=}, {base_size=}, {size=}")
     return max(1, round(base_patch * size / base_size))
+
+
+def mvc_settings(cfg: "Config") -> dict | None:
+    """Keyword arguments of ``mvc_loss`` from ``cfg.mvc`` (None when MVC is off): b is
+    ``cfg.mvc.patch_size``, else 64 scaled from a 480 short side to ``cfg.data.base_size``."""
+    if not cfg.mvc.enabled:
+        return None
+    patch = cfg.mvc.patch_size or scaled_patch_size(BASE_PATCH, BASE_SIZE, cfg.data.base_size)
+    return {"patch_size": patch, "ratio": cfg.mvc.ratio, "weight": cfg.mvc.weight}
 
 
 def patch_mask(

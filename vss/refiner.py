@@ -5,7 +5,7 @@ Paper: DVIS (Zhang et al., ICCV 2023) section 3.3 "Temporal refiner" (long-term 
 self-attention + short-term temporal convolution, then object self-attention and
 cross-attention to the frame's queries) and its class prediction by an activation-weighted
 temporal average; DVIS++ keeps it unchanged. Details from the code
-(``reference/dvis_plus.md`` section 4; ``DVIS_Plus/dvis_Plus/refiner.py::TemporalRefiner``).
+(``DVIS_Plus/dvis_Plus/refiner.py::TemporalRefiner``; stage 3 of ``dvis_Plus/meta_architecture.py``).
 
 Block i, on x (B,T,Q,C) initialised with the tracker's last-layer outputs:
  1. long-term temporal self-attention over the T frames of each (clip, object) sequence;

@@ -1,6 +1,7 @@
 """U2PL: semi-supervised learning with unreliable pseudo labels (1st-place PVUW 2024 VSS method).
 
-The PVUW 2024 winner (``papers/semi_supervised_unreliable_pseudo_labels.txt``, sec. 2.3-2.5)
+The PVUW 2024 winner ("Semi-supervised Video Semantic Segmentation Using Unreliable Pseudo Labels for
+PVUW2024", sec. 2.3-2.5)
 fine-tunes the student on labelled frames plus pseudo-labelled frames with the losses of U2PL
 (Wang et al., CVPR 2022; official code Haochen-Wang409/U2PL, commit ab3d2be):
 
@@ -10,15 +11,20 @@ fine-tunes the student on labelled frames plus pseudo-labelled frames with the l
   of the batch are unreliable (ignored by the unsupervised CE) -> ``pseudo_label_targets``,
   ``ensemble_pseudo_labels`` (offline labels from a teacher+student TTA ensemble).
 - Eq. (3): ``L = L_s + lambda_u L_u + lambda_c L_c``.
-- Eq. (5), ``L_u``: CE on reliable pseudo-labelled pixels -> ``compute_unsupervised_loss``.
+- Eq. (5), ``L_u``: CE on reliable pseudo-labelled pixels -> ``compute_unsupervised_loss``, a
+  reference port: a Mask2Former has no per-pixel logits, so the semi stage
+  (``vss/semi_stage.py``) puts the reliable pseudo labels into the set loss instead
+  (``pseudo_label_targets``).
 - Eq. (6), ``L_c``: InfoNCE between anchor pixels, the class prototype and negatives drawn from
   a per-class memory bank filled with unreliable pixels -> ``compute_contra_memobank_loss``,
   ``MemoryBank``, ``RepresentationHead``.
 - U2PL schedules: the reliable percentile ``100 - alpha_0 (1 - t/T)`` (``drop_percent``), the
   anchor/negative entropy fraction ``alpha_t`` (``unreliable_alpha``), the EMA teacher
-  (``ema_decay``, ``ema_update``), poly LR (``poly_lr``) and CutMix (``generate_cutmix``).
+  (``ema_decay``, ``ema_update``); and, as reference ports that the semi stage does not call,
+  U2PL's poly LR (``poly_lr``; training keeps DVIS++'s multi-step schedule) and CutMix
+  (``generate_cutmix``).
 
-Official code vs paper (``reference/u2pl.md`` section 2). The functions reproduce the official
+Official code vs paper (U2PL ``u2pl/utils/loss_helper.py``, ``train_semi.py``). The functions reproduce the official
 code bit for bit by default (tested against ``tests/data/u2pl_vectors.npz``); each departure
 of the code from the paper is a keyword flag:
 
@@ -45,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -123,23 +129,34 @@ def pseudo_label_targets(labels: Tensor, entropy: Tensor, percent: float) -> Ten
 
 @torch.no_grad()
 def ensemble_pseudo_labels(
-    probs: Sequence[Tensor], weights: Optional[Sequence[float]] = None
+    probs: Iterable[Tensor], weights: Optional[Sequence[float]] = None
 ) -> tuple[Tensor, Tensor]:
     """Offline pseudo labels from an ensemble (PVUW sec. 2.4: teacher + student, each already
     averaged over its TTA views): weighted mean of the class distributions, argmax, entropy.
 
+    The mean is a running sum, so a generator of M maps (``infer.py --ensemble``, one model's
+    prediction at a time) never holds M probability maps at once.
+
     Args:
-        probs: list of (…,K,H,W) class distributions (each sums to 1 over K).
+        probs: (…,K,H,W) class distributions (each sums to 1 over K), e.g. a generator.
         weights: one weight per model (default: equal); normalised to sum to 1.
     Returns:
         labels (…,H,W) int64 and entropy (…,H,W) float32 of the averaged distribution.
     """
-    if len(probs) == 0:
+    weights = None if weights is None else [float(x) for x in weights]
+    total, count = None, 0
+    for p in probs:
+        if weights is not None and count >= len(weights):
+            raise ValueError(f"more probability maps than the {len(weights)} weights")
+        part = p.float() * (1.0 if weights is None else weights[count])  # (…,K,H,W), a new tensor
+        total = part if total is None else total.add_(part)
+        count += 1
+    if count == 0:
         raise ValueError("ensemble_pseudo_labels needs at least one probability map")
-    w = [1.0] * len(probs) if weights is None else [float(x) for x in weights]
-    if len(w) != len(probs) or sum(w) <= 0:
-        raise ValueError(f"need {len(probs)} positive weights, got {weights}")
-    mean = sum(wi / sum(w) * p.float() for wi, p in zip(w, probs))  # (…,K,H,W)
+    weight_sum = count if weights is None else sum(weights)
+    if weights is not None and (len(weights) != count or not weight_sum > 0):
+        raise ValueError(f"need {count} positive weights, got {weights}")
+    mean = total.div_(weight_sum)  # (…,K,H,W)
     return mean.argmax(dim=-3), pixel_entropy(mean, dim=-3)
 
 

@@ -1,7 +1,8 @@
 """The semi-supervised fine-tuning stage of the PVUW 2024 1st-place solution: the student
 segmenter trained on labelled clips plus clips pseudo-labelled offline by a teacher + student
-TTA ensemble, with U2PL's losses (``papers/semi_supervised_unreliable_pseudo_labels.txt`` sec.
-2.3-2.5, Eq. (3)-(6); U2PL, Wang et al. CVPR 2022; ``reference/u2pl.md`` sections 1, 2 and 4).
+TTA ensemble, with U2PL's losses ("Semi-supervised Video
+Semantic Segmentation Using Unreliable Pseudo Labels for PVUW2024" sec. 2.3-2.5, Eq. (3)-(6); U2PL,
+Wang et al. CVPR 2022, ``tools/train_semi.py`` and ``u2pl/utils/loss_helper.py``).
 The U2PL functions themselves are the faithful port in ``vss/semi.py``; this module composes them
 with the Mask2Former segmenter of a ``vss.video_model.VideoModel``.
 
@@ -29,7 +30,7 @@ labelled with one unlabelled batch of the same size):
   ``paper_negatives=True``). Student representations = ``RepresentationHead`` (256-d) on the
   segmenter's stride-4 ``mask_features``; teacher representations and probabilities from the EMA
   teacher (segmenter + head); the probabilities are the semantic scores normalised over K,
-  ``semantic_inference / sum_K`` at stride 4 (``reference/u2pl.md`` section 4). Anchor and
+  ``semantic_inference / sum_K`` at stride 4 (the soft labels U2PL's contrastive loss ranks). Anchor and
   negative candidates of the unlabelled frames come from ``contrastive_inputs`` with
   ``unreliable_alpha(t/T)`` on the *stored ensemble entropy*, the same entropy that splits
   reliable from unreliable for ``L_u``: since ``100 - alpha_t == drop_percent(t/T)``, the

@@ -61,6 +61,10 @@ OTHERS_COLOUR = (150, 90, 160)
 DEFAULTS = dict(num_videos=12, frames=(12, 16), height=120, width=160, num_classes=6, seed=0)
 DEFAULT_SPLITS = {"train": 2 / 3, "val": 1 / 3}
 JPEG_QUALITY = 90
+# Training on the embedded data (train.py without --data): the 120x160 frames at their own scale, and
+# a schedule short enough for a laptop.
+TRAIN_SIZES = {"base_size": 120, "crop_size": (128, 160), "test_size": 120}
+TRAIN_ITERS = 300
 
 
 def default_root() -> Path:

@@ -3,8 +3,8 @@ into tracks, one query slot = one object (in VSS: one class) over the whole vide
 
 Paper: DVIS (Zhang et al., ICCV 2023) section 3.2 "Referring tracker" (referring cross-attention,
 Eq. 2-3) and DVIS++ (Zhang et al., 2023) section 3.2 "Denoising training" (the "weighted average"
-noise). Details from the code (``reference/dvis_plus.md`` section 3;
-``DVIS_Plus/dvis_Plus/tracker.py::ReferringTracker_noiser`` and ``noiser.py``):
+noise). Details from the code
+(``DVIS_Plus/dvis_Plus/tracker.py::ReferringTracker_noiser`` and ``noiser.py``):
 
 Per frame t, with E_t the segmenter's normed embeddings (``pred_embds``) and K_t the un-normed
 ones (``pred_embds_without_norm``), both (B,Q,C) with C = 2*D ([query | reid]):

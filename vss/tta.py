@@ -1,6 +1,6 @@
 """Test-time augmentation: multi-scale + horizontal flip views of a whole video, merged by
 per-pixel voting (MVC paper section 2.4, eq. 8) or by averaging class probabilities (the
-ViT-Adapter multi-scale/flip test used for the U2PL paper's pseudo labels; reference/u2pl.md
+ViT-Adapter multi-scale/flip test used for the U2PL paper's pseudo labels; U2PL's
 section 4).
 
 A view is (scale, flip). For each view the frames at scale s are made -- by the caller's

@@ -3,7 +3,7 @@ freezing, their training losses and whole-video inference for VSS.
 
 Paper: DVIS (Zhang et al., ICCV 2023) section 3 (decoupled segmentation, tracking, refinement;
 online and offline inference) and DVIS++ (Zhang et al., 2023) section 3 (denoising training,
-contrastive learning). Details from ``reference/dvis_plus.md`` sections 3-5
+contrastive learning). Details from the code
 (``DVIS_Plus/dvis_Plus/meta_architecture.py`` ``DVIS_Plus_online`` / ``DVIS_Plus_offline``):
 
 Stages (``VideoModel.stage``): only the stage's own module trains; the others are frozen
@@ -76,7 +76,7 @@ from vss.mvc import mvc_loss
 if TYPE_CHECKING:
     from vss.config import Config
 
-STAGES = ("segmenter", "tracker", "refiner")
+MODULES = ("segmenter", "tracker", "refiner")  # in pipeline order; a stage is named after the one it trains
 
 Assignment = tuple[Tensor, Tensor]  # (q_idx, t_idx) of one clip or image
 
@@ -150,8 +150,8 @@ class VideoModel(nn.Module):
         memory_size: int = 20,
     ):
         super().__init__()
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage not in MODULES:
+            raise ValueError(f"stage must be one of {MODULES}, got {stage!r}")
         if stage in ("tracker", "refiner") and tracker is None:
             raise ValueError(f"stage {stage!r} needs a tracker")
         if stage == "refiner" and refiner is None:
@@ -172,7 +172,7 @@ class VideoModel(nn.Module):
 
     def frozen_modules(self) -> list[nn.Module]:
         """Every present module except the stage's own."""
-        names = [n for n in STAGES if n != self.stage]  # a stage is named after its module
+        names = [n for n in MODULES if n != self.stage]  # a stage is named after its module
         return [getattr(self, n) for n in names if getattr(self, n) is not None]
 
     def train(self, mode: bool = True) -> "VideoModel":
@@ -235,8 +235,8 @@ def build_video_model(cfg: "Config", stage: str) -> VideoModel:
     from vss.segmenter import build_segmenter
     from vss.tracker import build_tracker
 
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in MODULES:
+        raise ValueError(f"stage must be one of {MODULES}, got {stage!r}")
     tracker = build_tracker(cfg) if stage in ("tracker", "refiner") else None
     refiner = build_refiner(cfg) if stage == "refiner" else None
     return VideoModel(
@@ -480,17 +480,28 @@ def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
     return losses
 
 
-def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module, num_frames: int) -> dict[str, Tensor]:
+def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module) -> dict[str, Tensor]:
     """Stage-1 losses: every frame an image, its targets the classes present in it.
 
     Args:
         outputs: the segmenter's dict over N = B*T images (clip-major).
         targets: per clip {"labels": (M,), "masks": (M,T,H,W)}.
         criterion: ``vss.criterion.SetCriterion``.
-        num_frames: T.
     """
+    num_frames = targets[0]["masks"].shape[1] if targets else 1
     frame_targets = [per_frame_targets(tg, t) for tg in targets for t in range(num_frames)]
     return criterion(outputs, frame_targets)
+
+
+# The loss of each stage given ``VideoModel.forward``'s outputs: (core, outputs, targets, criterion,
+# guided) -> weighted terms. A stage is named after the module it trains (``vss/stages.py``).
+STAGE_LOSSES = {
+    "segmenter": lambda core, out, tgts, crit, guided: segmenter_loss(out, tgts, crit),
+    "tracker": lambda core, out, tgts, crit, guided: tracker_loss(
+        out, tgts, crit, guided=guided, reid_weight=core.reid_weight),
+    "refiner": lambda core, out, tgts, crit, guided: refiner_loss(
+        out, tgts, crit, guided=guided, reid_weight=core.reid_weight, memory=core.class_memory),
+}
 
 
 def video_loss(model: nn.Module, batch: dict, criterion: nn.Module, *, guided: bool = False,
@@ -515,15 +526,10 @@ def video_loss(model: nn.Module, batch: dict, criterion: nn.Module, *, guided: b
         raise ValueError(f"video_loss expects batch['frames'] (B,T,3,H,W), got {tuple(frames.shape)}")
     device = frames.device
     targets = [{"labels": tg["labels"].to(device), "masks": tg["masks"].to(device)} for tg in batch["targets"]]
+    stage_loss = STAGE_LOSSES[core.stage]
 
     def one_pass(clips: Tensor, tgts: list[dict]) -> dict[str, Tensor]:
-        outputs = model(clips)
-        if core.stage == "segmenter":
-            return segmenter_loss(outputs, tgts, criterion, clips.shape[1])
-        if core.stage == "tracker":
-            return tracker_loss(outputs, tgts, criterion, guided=guided, reid_weight=core.reid_weight)
-        return refiner_loss(outputs, tgts, criterion, guided=guided, reid_weight=core.reid_weight,
-                            memory=core.class_memory)
+        return stage_loss(core, model(clips), tgts, criterion, guided)
 
     if mvc is None:
         return one_pass(frames, targets)

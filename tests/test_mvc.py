@@ -66,8 +66,8 @@ def test_mvc_loss_is_clean_plus_weighted_masked():
     targets = [{"labels": torch.tensor([1])}]
     calls = []
 
-    def loss_fn(x, y):
-        calls.append((x.detach().clone(), y))
+    def loss_fn(x, y, masked):
+        calls.append((x.detach().clone(), y, masked))
         per_channel = x.mean(dim=(0, 1, 3, 4))  # (3,)
         return {"loss_a": (weights * per_channel).sum(), "loss_b": (weights ** 2).sum() * x.abs().mean()}
 
@@ -75,10 +75,11 @@ def test_mvc_loss_is_clean_plus_weighted_masked():
                    generator=torch.Generator().manual_seed(3))
     assert sorted(out) == ["loss_a", "loss_b", "mvc_loss_a", "mvc_loss_b"]
     assert len(calls) == 2 and calls[0][1] is targets and calls[1][1] is targets
+    assert [c[2] for c in calls] == [False, True]
     assert torch.equal(calls[0][0], frames)
     expected_masked = mask_frames(frames, 2, 0.7, torch.Generator().manual_seed(3))
     assert torch.equal(calls[1][0], expected_masked)
-    clean, masked = loss_fn(frames, targets), loss_fn(expected_masked, targets)
+    clean, masked = loss_fn(frames, targets, False), loss_fn(expected_masked, targets, True)
     for key in ("loss_a", "loss_b"):
         assert torch.allclose(out[key], clean[key])
         assert torch.allclose(out[f"mvc_{key}"], 0.5 * masked[key])

@@ -346,13 +346,64 @@ def test_refiner_reid_loss_with_class_memory():
             if cls == 0:
                 items.append(idol(embeds[0, t, k], embeds[0, :, k], stored))
     expected = torch.stack(items).mean()
-    got = refiner_reid_loss(embeds, [assignment], [{"labels": labels}], memory)
+    views = memory.views_then_push(embeds, [{"labels": labels}], [assignment])
+    got = refiner_reid_loss(embeds, [assignment], [{"labels": labels}], views)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # pushed after use: class 0 had 2 + 3 = 5 (kept), class 2 got the 3 frames of slot 3
-    assert memory.items[0].shape == (5, 6) and memory.items[2].shape == (3, 6)
+    # the clip read the memory before its own push: class 0 had 2 + 3 = 5 (kept), class 2 got
+    # the 3 frames of slot 3
+    assert set(views[0]) == {0} and memory.items[0].shape == (5, 6) and memory.items[2].shape == (3, 6)
     torch.testing.assert_close(memory.items[2], embeds[0, :, 3])
-    refiner_reid_loss(embeds, [assignment], [{"labels": labels}], memory)
+    memory.views_then_push(embeds, [{"labels": labels}], [assignment])
     assert memory.items[0].shape == (5, 6) and memory.items[2].shape == (5, 6)  # trimmed to max_len
+
+
+def test_refiner_mvc_masked_pass_reads_the_clean_pass_view_and_never_pushes(monkeypatch):
+    """Stage 3 with MVC: the masked pass reads the class memory exactly as the clean pass read it
+    (earlier videos only, never its own clip) and adds nothing, so after an MVC step the memory
+    equals the memory after a plain step."""
+    import vss.video_model as vm
+
+    batch = make_batch(b=2, t=3)
+    earlier = {c: torch.randn(4, 2 * D) for c in range(K_CLASSES)}  # embeddings of earlier videos
+    calls = []
+    real = vm.refiner_reid_loss
+    monkeypatch.setattr(vm, "refiner_reid_loss", lambda e, a, t, views: calls.append(views) or real(e, a, t, views))
+    memories = {}
+    for name, settings in (("plain", None), ("mvc", {"patch_size": 8, "ratio": 0.5, "weight": 1.0})):
+        model = make_model("refiner").train()
+        model.class_memory.items = dict(earlier)
+        calls.clear()
+        torch.manual_seed(0)
+        video_loss(model, batch, make_criterion(), guided=True, mvc=settings)
+        memories[name] = model.class_memory.items
+        views = list(calls)
+    clean, masked = views
+    assert masked is clean  # the same per-clip views
+    assert all(clean[0][c] is earlier[c] for c in earlier)  # clip 0 reads only the earlier videos
+    # clip 1 reads clip 0's pushes but never its own embeddings
+    assert any(clean[1][c].shape[0] > 4 for c in clean[1])
+    assert memories["plain"].keys() == memories["mvc"].keys()
+    for c in memories["plain"]:  # same pushes: the masked pass added nothing
+        assert torch.equal(memories["plain"][c], memories["mvc"][c]), c
+
+
+def test_mvc_masked_pass_leaves_batchnorm_statistics_as_the_clean_pass_left_them():
+    """A segmenter with trainable BatchNorm (as tiny's, frozen_bn=False): an MVC step and a plain
+    step from the same state and batch leave identical BN buffers (running mean/var, counts)."""
+    batch = make_batch(b=1, t=2)
+    states = {}
+    for name, settings in (("plain", None), ("mvc", {"patch_size": 8, "ratio": 0.7, "weight": 1.0})):
+        torch.manual_seed(0)
+        model = make_model("segmenter").train()
+        bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bn and all(m.training and m.track_running_stats for m in bn)
+        torch.manual_seed(1)
+        video_loss(model, batch, make_criterion(), mvc=settings)
+        assert all(m.track_running_stats for m in bn)  # restored after the masked pass
+        states[name] = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    assert states["plain"].keys() == states["mvc"].keys() and states["plain"]
+    for key in states["plain"]:
+        assert torch.equal(states["plain"][key], states["mvc"][key]), key
 
 
 def test_video_loss_mvc_feeds_masked_frames_to_frozen_segmenter():

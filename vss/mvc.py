@@ -21,16 +21,21 @@ Readings of what the paper leaves open (configurable, ``vss.config.MVCConfig``):
   H x W instead, which stretches the cells.)
 - Both terms use the same, unmasked ground truth, and each runs the full model + criterion, so
   each has its own Hungarian matching and deep supervision.
+- The masked pass does not update BatchNorm running statistics (``mvc_loss``), and in stage 3
+  it reads the refiner's class memory of earlier videos exactly as the clean pass did, without
+  adding to it (``vss.video_model.refiner_loss``).
 - Defaults b = 64 at the VSPW 480p scale, r = 0.7, lambda = 1 (MIC's values; the paper gives
   none). `scaled_patch_size` keeps b proportional to the input size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from vss.config import Config
@@ -123,8 +128,25 @@ def mask_frames(
     return masked.reshape(frames.shape)
 
 
+@contextlib.contextmanager
+def batch_norm_statistics_kept(module: nn.Module | None) -> Iterator[None]:
+    """Within the block, BatchNorm layers of ``module`` in training mode normalise with the
+    statistics of the batch they see but leave their running statistics (and
+    ``num_batches_tracked``) untouched: ``track_running_stats`` is off for the block. Frozen BN and
+    eval-mode BN are not affected."""
+    layers = [m for m in (module.modules() if module is not None else ())
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 def mvc_loss(
-    loss_fn: Callable[[torch.Tensor, object], dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, object, bool], dict[str, torch.Tensor]],
     frames: torch.Tensor,
     targets: object,
     *,
@@ -132,26 +154,39 @@ def mvc_loss(
     ratio: float,
     weight: float,
     generator: torch.Generator | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. (4): L_base(X, Y) + lambda * L_base(M * X, Y).
 
+    The masked pass leaves the model's BatchNorm running statistics as the clean pass left them
+    (``batch_norm_statistics_kept``): the masked frames are normalised with their own batch
+    statistics, as any training batch, but never enter the running mean/variance used at
+    inference. Frames whose 70% are mean-grey have a much smaller variance (0.29x of a CamVid
+    batch's at a ResNet-18's first BN); tracked, they would shrink the running variance towards
+    0.6x, and clean frames at inference would be scaled up by ~1.3x. (DVIS++ never meets this: its
+    R50 uses FrozenBN and its ViT-L is frozen with LayerNorm; MIC's masked pass runs its model in
+    train mode, but its BN statistics are those of a pre-trained, frozen-BN backbone as well.)
+
     Args:
-        loss_fn: (frames, targets) -> dict of weighted loss terms whose sum is the base loss;
-            it runs the model and the criterion, so each call does its own matching and deep
-            supervision.
-        frames: normalised frames given to `loss_fn` ((B,T,3,H,W) or (N,3,H,W)).
+        loss_fn: (frames, targets, masked) -> dict of weighted loss terms whose sum is the base
+            loss; it runs the model and the criterion, so each call does its own matching and deep
+            supervision. ``masked`` tells the loss it is the masked pass (the stage-3 class memory
+            is then read as the clean pass read it and not updated: ``vss.video_model``).
+        frames: normalised frames given to ``loss_fn`` ((B,T,3,H,W) or (N,3,H,W)).
         targets: ground truth, passed unchanged to both calls (the unmasked Y).
         patch_size, ratio: b and r of Eq. (1).
         weight: lambda of Eq. (4).
         generator: for the mask draws (None: torch's global RNG, saved by checkpoints).
+        model: the module whose BatchNorm statistics the masked pass must not update (None: none).
     Returns:
         The terms of the clean pass under their own keys, plus the masked pass's terms times
-        `weight` under "mvc_<key>". The total loss is the sum of all values.
+        ``weight`` under "mvc_<key>". The total loss is the sum of all values.
 
     Both passes keep their autograd graphs until the backward, so activation memory doubles.
     """
-    clean = loss_fn(frames, targets)
-    masked = loss_fn(mask_frames(frames, patch_size, ratio, generator), targets)
+    clean = loss_fn(frames, targets, False)
+    with batch_norm_statistics_kept(model):
+        masked = loss_fn(mask_frames(frames, patch_size, ratio, generator), targets, True)
     out = dict(clean)
     for key, value in masked.items():
         out[f"mvc_{key}"] = weight * value

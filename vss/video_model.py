@@ -98,9 +98,28 @@ class ClassMemory:
     def __init__(self, max_len: int = 20):
         self.max_len = max_len
         self.items: dict[int, Tensor] = {}  # class -> (n,C) float32, detached
+        # What each clip of the latest clean (unmasked) pass read: the MVC masked pass of the same
+        # batch reads exactly that, so it never sees its own clip and never pushes.
+        self.last_views: list[dict[int, Tensor]] = []
 
     def get(self, cls: int) -> Tensor | None:
         return self.items.get(cls)
+
+    def views_then_push(self, embeds: Tensor, targets: list[dict], assignments: list["Assignment"]
+                        ) -> list[dict[int, Tensor]]:
+        """For each clip of a batch in order: the memory as that clip may read it (earlier videos
+        only), then the clip's matched embeddings pushed. Remembered as ``last_views``.
+
+        Args:
+            embeds: (B,T,Q,C) refiner embeddings; targets: per clip {"labels": (M,)};
+            assignments: per clip (q_idx, t_idx).
+        """
+        views = []
+        for i in range(embeds.shape[0]):
+            views.append(dict(self.items))  # the stored tensors are replaced on push, never edited
+            self.push(embeds[i], targets[i]["labels"], assignments[i])
+        self.last_views = views
+        return views
 
     def push(self, embeds: Tensor, labels: Tensor, assignment: Assignment) -> None:
         """Store every frame's embedding of each matched slot under its target's class.
@@ -344,19 +363,19 @@ def tracker_reid_loss(references: Tensor, assignments: list[Assignment]) -> Tens
 
 
 def refiner_reid_loss(embeds: Tensor, assignments: list[Assignment], targets: list[dict],
-                      memory: ClassMemory | None) -> Tensor:
+                      memory_views: list[dict[int, Tensor]] | None) -> Tensor:
     """DVIS++ ``get_cl_loss_with_memory``.
 
     For each clip, frame t and matched slot k (target class c): anchor = e[t, k], positives =
     e[:, k] (all T frames); item 1 negatives = e[t, j != k]; item 2 (if the memory holds class c)
-    negatives = the memory's embeddings of class c. After a clip's items are built, its matched
-    embeddings are pushed to the memory (so negatives always come from earlier clips).
+    negatives = the memory's embeddings of class c from earlier videos.
 
     Args:
         embeds: (B,T,Q,C) refiner ``pred_embds`` (decoder_norm of the last block).
         assignments: per clip (q_idx, t_idx) of the final block's matching.
         targets: per clip {"labels": (M,), ...}.
-        memory: the class memory (None: no memory items, nothing pushed).
+        memory_views: per clip, the class memory it may read (``ClassMemory.views_then_push``;
+            None: no memory items).
     Returns:
         Scalar: the IDOL loss averaged over all items of the batch (unweighted).
     """
@@ -374,18 +393,18 @@ def refiner_reid_loss(embeds: Tensor, assignments: list[Assignment], targets: li
         positives = tracks[None].expand(num_frames, -1, -1, -1).reshape(num_frames * n, num_frames, -1)  # (T*n,T,C)
         negatives = e[:, others[slots]].reshape(num_frames * n, num_queries - 1, -1)  # (T*n,Q-1,C)
         parts.append((reid_contrastive_loss(anchors, positives, negatives), num_frames * n))
-        if memory is not None:
-            labels = targets[i]["labels"]
-            for k, m in zip(slots.tolist(), assignments[i][1].tolist()):
-                stored = memory.get(int(labels[m]))
-                if stored is None:
-                    continue
-                stored = stored.to(e.device)
-                track = e[:, k]  # (T,C)
-                parts.append((reid_contrastive_loss(
-                    track, track[None].expand(num_frames, -1, -1), stored[None].expand(num_frames, -1, -1),
-                ), num_frames))
-            memory.push(e, labels, assignments[i])
+        if memory_views is None:
+            continue
+        labels = targets[i]["labels"]
+        for k, m in zip(slots.tolist(), assignments[i][1].tolist()):
+            stored = memory_views[i].get(int(labels[m]))
+            if stored is None:
+                continue
+            stored = stored.to(e.device)
+            track = e[:, k]  # (T,C)
+            parts.append((reid_contrastive_loss(
+                track, track[None].expand(num_frames, -1, -1), stored[None].expand(num_frames, -1, -1),
+            ), num_frames))
     return _combine_means(parts, embeds)
 
 
@@ -449,7 +468,7 @@ def _as_video_image(out: dict) -> dict:
 
 
 def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, guided: bool,
-                 reid_weight: float, memory: ClassMemory | None) -> dict[str, Tensor]:
+                 reid_weight: float, memory: ClassMemory | None, masked: bool = False) -> dict[str, Tensor]:
     """Stage-3 losses (see the module docstring).
 
     Args:
@@ -458,7 +477,11 @@ def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
         criterion: ``vss.criterion.SetCriterion`` with per-frame points (scaled by T here).
         guided: match on the frozen tracker's outputs (first half of training).
         reid_weight: weight of ``loss_reid``.
-        memory: the class memory of earlier videos (updated).
+        memory: the class memory of earlier videos; the clean pass reads it and adds the clips.
+        masked: the MVC masked pass of the batch whose clean pass came just before: it reads the
+            memory exactly as the clean pass read it and adds nothing (DVIS++'s memory holds earlier
+            videos only; reading the clean pass's own clip would push the masked view of an object
+            away from the clean view of the same object).
     Returns:
         ``loss_ce``, ``loss_mask``, ``loss_dice`` (+ ``_i`` per aux block), ``loss_reid``.
     """
@@ -476,7 +499,13 @@ def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
     else:
         per_layer = [video_criterion.matcher.match_batch(out, video_targets) for _, out in layers]
     losses = _losses_with_indices(video_criterion, layers, video_targets, per_layer)
-    losses["loss_reid"] = reid_weight * refiner_reid_loss(refined["pred_embds"], per_layer[0], targets, memory)
+    if memory is None:
+        views = None
+    elif masked:
+        views = memory.last_views
+    else:
+        views = memory.views_then_push(refined["pred_embds"], targets, per_layer[0])
+    losses["loss_reid"] = reid_weight * refiner_reid_loss(refined["pred_embds"], per_layer[0], targets, views)
     return losses
 
 
@@ -494,13 +523,13 @@ def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module) -> 
 
 
 # The loss of each stage given ``VideoModel.forward``'s outputs: (core, outputs, targets, criterion,
-# guided) -> weighted terms. A stage is named after the module it trains (``vss/stages.py``).
+# guided, masked: the MVC masked pass) -> weighted terms. A stage is named after the module it trains (``vss/stages.py``).
 STAGE_LOSSES = {
-    "segmenter": lambda core, out, tgts, crit, guided: segmenter_loss(out, tgts, crit),
-    "tracker": lambda core, out, tgts, crit, guided: tracker_loss(
+    "segmenter": lambda core, out, tgts, crit, guided, masked: segmenter_loss(out, tgts, crit),
+    "tracker": lambda core, out, tgts, crit, guided, masked: tracker_loss(
         out, tgts, crit, guided=guided, reid_weight=core.reid_weight),
-    "refiner": lambda core, out, tgts, crit, guided: refiner_loss(
-        out, tgts, crit, guided=guided, reid_weight=core.reid_weight, memory=core.class_memory),
+    "refiner": lambda core, out, tgts, crit, guided, masked: refiner_loss(
+        out, tgts, crit, guided=guided, reid_weight=core.reid_weight, memory=core.class_memory, masked=masked),
 }
 
 
@@ -528,12 +557,12 @@ def video_loss(model: nn.Module, batch: dict, criterion: nn.Module, *, guided: b
     targets = [{"labels": tg["labels"].to(device), "masks": tg["masks"].to(device)} for tg in batch["targets"]]
     stage_loss = STAGE_LOSSES[core.stage]
 
-    def one_pass(clips: Tensor, tgts: list[dict]) -> dict[str, Tensor]:
-        return stage_loss(core, model(clips), tgts, criterion, guided)
+    def one_pass(clips: Tensor, tgts: list[dict], masked: bool = False) -> dict[str, Tensor]:
+        return stage_loss(core, model(clips), tgts, criterion, guided, masked)
 
     if mvc is None:
         return one_pass(frames, targets)
-    return mvc_loss(one_pass, frames, targets, **mvc)
+    return mvc_loss(one_pass, frames, targets, model=core, **mvc)
 
 
 # --------------------------------------------------------------------------------------------

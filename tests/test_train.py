@@ -478,4 +478,6 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(
     final = load_checkpoint(tmp_path / "run" / "last.pt")
     assert final["step"] == 4 and final["config"] == migrated.to_dict()
     for key, total in meta["final_sums"].items():
+        if "running_" in key or "num_batches" in key:
+            continue  # the old code let the MVC masked pass update BatchNorm statistics (now fixed)
         assert float(final["model"][key].double().sum()) == pytest.approx(total, rel=1e-5, abs=1e-6), key

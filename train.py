@@ -23,19 +23,22 @@ steps, so `python train.py` takes a few minutes on 2 CPU cores.
 Reproducibility and resume (``vss/sampler.py``): the data and randomness of a step are a pure
 function of (seed, step), independent of the number of ranks, accumulation steps, data workers or
 restarts. OUT/last.pt (every --save-every steps, after each evaluation, at the end, at the
---time-budget and on SIGTERM/SIGINT) holds everything a run needs to continue exactly; best.pt is
-the state of the best val mIoU. `--resume auto` continues from OUT/last.pt: the settings given on
-the command line must equal the checkpoint's. --time-budget MIN stops (evaluates when
---eval-every > 0, saves) once the process has used MIN minutes of CPU time (time.process_time:
-all threads, setup included, data workers excluded; every rank stops at the same step). A NaN/inf
-loss stops the run with exit code 1; last.pt is then the last good state.
+and on SIGTERM/SIGINT) holds everything a run needs to continue exactly; best.pt is the state of
+the best val mIoU. `--resume auto` continues from OUT/last.pt: the settings given on the command
+line must equal the checkpoint's. --time-budget MIN fits the whole schedule (number of steps, LR
+drops at the config's fractions of it) to MIN CPU-minutes: the first steps are timed, then the
+schedule is fixed (logged in log.jsonl, saved in config.json) and run to its end, so the LR
+decays within the budget. A NaN/inf loss stops the run with exit code 1; last.pt is then the last
+good state.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -50,16 +53,18 @@ from tqdm import tqdm
 from vss.checkpoint import (InitWeights, RunInfo, StopRequest, check_resume, load_checkpoint, load_init_weights,
                             read_init, restore_training, resume_config, save_training)
 from vss.config import PRESETS, Config, get_preset, migrate_config
-from vss.distributed import (DistInfo, all_reduce_sum, any_rank, barrier, broadcast_buffers, cleanup, get_rank,
+from vss.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                              init_distributed, is_main, print0)
-from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_video_model, log_json,
-                        make_autocast, memory_mb, train_step)
+from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_video_model, fit_iters,
+                        log_json, lr_milestones, make_autocast, memory_mb, train_step)
 from vss.io import default_palette, iter_eval_videos, load_class_names
 from vss.mvc import mvc_settings
 from vss.sampler import build_loader, step_seed
 from vss.semi_stage import bank_fill
 from vss.stages import STAGES, video_core
 from vss.synthetic import TRAIN_ITERS, TRAIN_SIZES, ensure_default_dataset
+
+FIT_STEPS = 10  # steps timed (after this process's first) before a schedule is fitted to --time-budget
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,8 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="save last.pt every N steps (default 200; 0: at evaluations and the end)")
     g.add_argument("--stop-at", type=int, help="save and exit after this step (the LR schedule still spans --iters)")
     g.add_argument("--time-budget", type=float, metavar="MIN",
-                   help="stop (evaluate, save) after MIN minutes of CPU time of this process (time.process_time); "
-                        "the LR schedule still spans --iters")
+                   help="fit the schedule (steps and LR drops) to MIN CPU-minutes of setup and training (all threads "
+                        "of the process; validation not counted), from the step time of the first steps; "
+                        "replaces --iters")
     g.add_argument("--log-every", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--workers", type=int, default=2, help="data-loader processes per rank (default 2)")
     g.add_argument("--print-config", action="store_true",
@@ -150,6 +156,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--test-size must be >= 0, got {args.test_size}")
     if args.time_budget is not None and not args.time_budget > 0:
         parser.error(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+    if args.time_budget is not None and args.iters is not None:
+        parser.error("--time-budget fits the number of steps to the budget: leave out --iters")
     if args.extra_ratio is not None and not 0.0 <= args.extra_ratio <= 1.0:
         parser.error(f"--extra-ratio must be in [0, 1], got {args.extra_ratio}")
     if args.extra_ratio is not None and not args.extra:
@@ -189,6 +197,8 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
          extra=tuple(args.extra) if args.extra else None)
     _set(cfg.clip, frames=args.frames)
     _set(cfg.optim, batch=args.batch, iters=args.iters, lr=args.lr)
+    if args.time_budget is not None and args.time_budget != cfg.optim.time_budget:
+        cfg.optim.time_budget, cfg.optim.iters = args.time_budget, 0  # fitted after the first steps
     _set(cfg.data, crop_size=tuple(args.crop) if args.crop else None, base_size=args.base_size,
          test_size=args.test_size)
     _set(cfg.loss, num_points=args.points)
@@ -267,6 +277,26 @@ def prepare_run(args: argparse.Namespace, dist: DistInfo) -> tuple[Path, Config,
     return root, cfg, ckpt, init, RunInfo(class_names, palette.tolist(), global_batch)
 
 
+class BudgetClock:
+    """CPU seconds of the run's setup and training steps: every thread of this process
+    (time.process_time; data workers excluded), plus what earlier processes of a resumed run used,
+    minus the time spent in validation, so that --eval-every does not change the schedule."""
+
+    def __init__(self, prior_s: float = 0.0):
+        self.prior_s, self.excluded_s = prior_s, 0.0
+
+    def seconds(self) -> float:
+        return self.prior_s + time.process_time() - self.excluded_s
+
+    @contextlib.contextmanager
+    def excluded(self):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.excluded_s += time.process_time() - start
+
+
 class Training:
     """The live objects of a run: model, loss, optimiser, schedule, mixed precision."""
 
@@ -287,6 +317,7 @@ class Training:
         self.amp = args.amp or ("fp16" if dist.device.type == "cuda" else "off")
         self.autocast_ctx, self.scaler = make_autocast(dist.device, self.amp)
         self.start, self.best_miou = 0, None
+        self.clock = BudgetClock(60 * ckpt.get("cpu_minutes", 0.0) if ckpt else 0.0)
         if ckpt is not None:
             self.start, self.best_miou = restore_training(ckpt, rank=dist.rank, world_size=dist.world_size,
                                                           **self.states())
@@ -303,7 +334,7 @@ class Training:
     def save(self, name: str, step: int) -> None:
         """OUT/name (collective; rank 0 writes)."""
         save_training(self.out / name, cfg=self.cfg, step=step, best_miou=self.best_miou, info=self.info,
-                      **self.states())
+                      cpu_minutes=self.clock.seconds() / 60, **self.states())
 
     def micro_batch_loss(self, model: nn.Module, micro: tuple[int, dict], step: int) -> dict[str, torch.Tensor]:
         """``train_step``'s loss_fn: the stage's loss terms of one (seed, batch) micro-batch."""
@@ -348,6 +379,22 @@ def log_train_step(tr: Training, step: int, out: dict, clips_per_s: float, world
     return mean[keys.index("loss")]
 
 
+def fit_schedule(tr: Training, step: int, probe: tuple[int, float], clock: BudgetClock, bar: tqdm) -> None:
+    """Fit the schedule to --time-budget from the step time measured since ``probe`` (step, CPU s),
+    on rank 0 for every rank; the LR milestones follow (``build_scheduler`` reads them each step)."""
+    cfg = tr.cfg
+    per_step = (clock.seconds() - probe[1]) / (step - probe[0])
+    cfg.optim.iters = broadcast_object(fit_iters(step, clock.seconds(), per_step, cfg.optim.time_budget * 60))
+    schedule = {"iters": cfg.optim.iters, "milestones": lr_milestones(cfg.optim), "budget_cpu_min": cfg.optim.time_budget,
+                "cpu_s_per_step": per_step}
+    log(tr.out, {"step": step, "schedule": schedule})
+    if is_main():
+        (tr.out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    bar.total = cfg.optim.iters
+    print0(f"schedule fitted to {cfg.optim.time_budget} CPU-minutes: {cfg.optim.iters} steps "
+           f"({per_step:.2f} CPU-s each), LR drops at {schedule['milestones']}")
+
+
 def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     # 1. data, config, output folder; 2. model, optimiser, schedule, mixed precision
     root, cfg, ckpt, init, info = prepare_run(args, dist)
@@ -369,13 +416,13 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
            f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at {cfg.data.test_size}; "
            f"amp {tr.amp}; mvc {mvc_settings(cfg)}; {device}")
 
-    # 3. the loop: step, log, evaluate, stop on a signal or the time budget, save
+    # 3. the loop: step, log, (fit the schedule to the time budget), evaluate, stop on a signal, save
     tr.model.train()
-    end = min(cfg.optim.iters, args.stop_at or cfg.optim.iters)
-    budget = args.time_budget * 60 if args.time_budget else None
-    bar = tqdm(total=cfg.optim.iters, initial=tr.start, disable=not is_main(), desc=cfg.train.stage)
-    tick, last_log, step = time.time(), tr.start, tr.start
-    for step in range(tr.start + 1, end + 1):
+    clock = tr.clock
+    bar = tqdm(total=cfg.optim.iters or None, initial=tr.start, disable=not is_main(), desc=cfg.train.stage)
+    tick, last_log, step, probe = time.time(), tr.start, tr.start, None
+    while step < min(cfg.optim.iters or math.inf, args.stop_at or math.inf):
+        step += 1
         micro = [(step_seed(cfg.train.seed, step, dist.rank * args.accum + a), next(batches))
                  for a in range(args.accum)]
         out = train_step(tr.ddp, micro, partial(tr.micro_batch_loss, step=step), tr.optimizer, tr.scaler,
@@ -383,14 +430,20 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
         if cfg.train.stage == "semi":  # U2PL: EMA after the optimiser step, k = 0-based semi iteration
             tr.criterion.teacher.update(tr.model, step - 1, cfg.semi.ema_decay)
         bar.update(1)
-        if step % args.log_every == 0 or step == end:
+        if cfg.optim.iters == 0:  # --time-budget: time FIT_STEPS steps after this process's first, then fit
+            if probe is None:
+                probe = (step, clock.seconds())
+            elif step - probe[0] >= FIT_STEPS:
+                fit_schedule(tr, step, probe, clock, bar)
+        end = step == cfg.optim.iters or step == args.stop_at
+        if step % args.log_every == 0 or end:
             rate = info.global_batch * (step - last_log) / (time.time() - tick)
             bar.set_postfix(loss=f"{log_train_step(tr, step, out, rate, dist.world_size, device):.3f}")
             tick, last_log = time.time(), step
-        over_budget = budget is not None and any_rank(time.process_time() >= budget)
-        evaluate = args.eval_every > 0 and (step % args.eval_every == 0 or step == cfg.optim.iters or over_budget)
+        evaluate = args.eval_every > 0 and (step % args.eval_every == 0 or step == cfg.optim.iters)
         if evaluate:
-            miou = tr.validate(step, videos, device)
+            with clock.excluded():
+                miou = tr.validate(step, videos, device)
             if tr.best_miou is None or miou > tr.best_miou:
                 tr.best_miou = miou
                 tr.save("best.pt", step)
@@ -398,17 +451,13 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
             tr.save("last.pt", step)
             print0(f"stopped by a signal at step {step}; saved {args.out / 'last.pt'}; continue with --resume auto")
             return 128 + (stop.signum or signal.SIGTERM)
-        if over_budget:
-            tr.save("last.pt", step)
-            log(args.out, {"step": step, "stopped": "time budget", "cpu_min": time.process_time() / 60})
-            print0(f"time budget of {args.time_budget} CPU-minutes reached at step {step} (rank {get_rank()}: "
-                   f"{time.process_time() / 60:.2f}); saved {args.out / 'last.pt'}")
-            bar.close()
-            return 0
-        if evaluate or step == end or (args.save_every > 0 and step % args.save_every == 0):
+        if evaluate or end or (args.save_every > 0 and step % args.save_every == 0):
             tr.save("last.pt", step)
     bar.close()
-    print0(f"done at step {step}; checkpoint {args.out / 'last.pt'}")
+    log(args.out, {"step": step, "done": True, "cpu_min": clock.seconds() / 60})
+    print0(f"done at step {step} ({clock.seconds() / 60:.1f} CPU-minutes of setup and training"
+           + (f", budget {cfg.optim.time_budget}" if cfg.optim.time_budget else "")
+           + f"); checkpoint {args.out / 'last.pt'}")
     return 0
 
 

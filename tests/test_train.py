@@ -133,7 +133,7 @@ def test_resume_continues_exactly(straight, setup):
     def steps_3_4(out):  # the same losses, LR, grad norm, val metrics; timings differ
         return [{k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb", "cpu_min")}
                 for x in log_lines(out) if x["step"] > 2]
-    assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 3
+    assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 4  # steps 3, 4, val, done
 
 
 
@@ -332,15 +332,29 @@ def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, 
     assert "loaded segmenter" in printed and "ignored from the checkpoint: tracker" in printed
 
 
-def test_time_budget_stops_early_evaluates_and_saves(setup, tmp_path):
+def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path):
+    """--time-budget times the first steps, fits the number of steps to the budget and runs the
+    whole schedule: the LR reaches its last value (base x 0.01 after the drops at 0.7 and 0.9 of
+    the fitted length), and the fitted schedule is in log.jsonl and config.json. A fresh process,
+    since the budget counts the CPU time of the process."""
     out = tmp_path / "budget"
-    # this process has used far more than 0.01 CPU-minutes already: it stops after step 1
-    assert train_main(args_for(setup, out, "--iters", 50, "--time-budget", 0.01, "--eval-every", 25)) == 0
-    ck = load_checkpoint(out / "last.pt")
-    assert ck["step"] == 1 and ck["cpu_minutes"] > 0.01
+    res = run([*args_for(setup, out, "--time-budget", 0.12, "--eval-every", 0)])
+    assert res.returncode == 0, res.stderr[-3000:]
     lines = log_lines(out)
-    assert any(x.get("stopped") == "time budget" for x in lines) and any("val" in x for x in lines)
-    assert [x["lr"] for x in lines if "loss" in x] == [2e-4]  # the schedule still spans 50 steps
+    fitted = [x["schedule"] for x in lines if "schedule" in x]
+    assert len(fitted) == 1
+    iters = fitted[0]["iters"]
+    assert iters > 12 and fitted[0]["milestones"] == [round(0.7 * iters), round(0.9 * iters)]
+    steps = [x for x in lines if "loss" in x]
+    assert steps[-1]["step"] == iters and steps[-1]["lr"] == pytest.approx(2e-4 * 0.01)
+    assert [x["step"] for x in steps] == list(range(1, iters + 1))
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["iters"] == iters and config["optim"]["time_budget"] == 0.12
+    assert load_checkpoint(out / "last.pt")["step"] == iters
+    # resumed with the same budget: nothing left to do; another budget is another run
+    assert run([*args_for(setup, out, "--time-budget", 0.12, "--resume", "auto")]).returncode == 0
+    res = run([*args_for(setup, out, "--time-budget", 0.5, "--resume", "auto")])
+    assert res.returncode == 2 and "optim.time_budget: 0.12 -> 0.5" in res.stderr
 
 
 def _image_folder(root: Path, values: list[int]) -> Path:

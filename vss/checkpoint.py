@@ -18,7 +18,6 @@ import pickletools
 import random
 import re
 import signal
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,8 +269,10 @@ class RunInfo(NamedTuple):
 
 
 def training_state(*, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler, scaler, cfg: Config, step: int, best_miou: float | None, info: RunInfo) -> dict:
-    """The full training state (collective: gathers every rank's RNG states and class memory)."""
+                   scheduler, scaler, cfg: Config, step: int, best_miou: float | None, info: RunInfo,
+                   cpu_minutes: float) -> dict:
+    """The full training state (collective: gathers every rank's RNG states and class memory).
+    ``cpu_minutes`` is the run's CPU time so far (train.py's budget clock)."""
     core = video_core(model)
     state = {
         "model": core.state_dict(), "optimizer": optimizer.state_dict(),
@@ -280,7 +281,7 @@ def training_state(*, model: nn.Module, criterion: nn.Module, optimizer: torch.o
         "rng": all_gather_object(rng_state()), "best_miou": best_miou,
         "data": {"seed": cfg.train.seed, "global_batch": info.global_batch, "samples": step * info.global_batch},
         "class_names": list(info.class_names), "palette": info.palette,
-        "cpu_minutes": time.process_time() / 60,
+        "cpu_minutes": cpu_minutes,  # of the whole run so far (resumed processes add up)
     }
     if core.stage == "refiner" and cfg.train.stage == "refiner":
         # per rank (DVIS++ keeps one memory per GPU), for an exact resume of the reid loss

@@ -89,8 +89,9 @@ class OptimConfig:
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.1
     clip_grad: float = 0.01  # full-model L2 gradient clipping (DVIS++ uses 0.01)
-    iters: int = 20000
+    iters: int = 20000  # 0: fitted to time_budget after the first steps (train.py --time-budget)
     lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of iters where LR *= 0.1 (14k, 18k of 20k)
+    time_budget: float | None = None  # CPU-minutes of setup + training steps the schedule is fitted to
     batch: int = 1  # clips per rank and micro-batch
 
 

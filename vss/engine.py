@@ -97,10 +97,24 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Ada
 
 
 def lr_milestones(optim_cfg: OptimConfig) -> list[int]:
-    """Iterations where the LR drops by 10x: round(f * iters) for f in lr_steps."""
+    """Iterations where the LR drops by 10x: round(f * iters) for f in lr_steps (none while
+    ``iters`` is 0, a schedule still to be fitted to a time budget)."""
     if any(not 0.0 < f <= 1.0 for f in optim_cfg.lr_steps):
         raise ValueError(f"lr_steps must be fractions in (0, 1], got {optim_cfg.lr_steps}")
-    return sorted(round(f * optim_cfg.iters) for f in optim_cfg.lr_steps)
+    return sorted(round(f * optim_cfg.iters) for f in optim_cfg.lr_steps) if optim_cfg.iters > 0 else []
+
+
+def fit_iters(step: int, cpu_s: float, cpu_per_step_s: float, budget_s: float) -> int:
+    """The schedule length that fits a CPU-time budget: the steps done plus as many more as the
+    rest of the budget holds at the measured step time (at least the steps done).
+
+    Args:
+        step: steps done so far; cpu_s: CPU seconds used so far (setup included);
+        cpu_per_step_s: measured CPU seconds per step; budget_s: the budget in CPU seconds.
+    """
+    if not cpu_per_step_s > 0:
+        raise ValueError(f"the step time must be positive, got {cpu_per_step_s}")
+    return step + max(0, math.floor((budget_s - cpu_s) / cpu_per_step_s))
 
 
 def build_scheduler(
@@ -109,13 +123,14 @@ def build_scheduler(
     """Multi-step schedule: LR of iteration i = base LR * gamma ** #(milestones <= i).
 
     A LambdaLR over a closure: its state_dict is just the step counter and base LRs (plain
-    numbers, loadable with weights_only); the milestones come from the config on resume.
+    numbers, loadable with weights_only); the milestones come from the config on resume, and
+    are read at every step, so a schedule fitted to a time budget after the first steps
+    (``optim_cfg.iters`` set then) takes effect at once.
     Call `scheduler.step()` once per iteration, after the optimiser step.
     """
-    milestones = lr_milestones(optim_cfg)
 
     def factor(step: int) -> float:
-        return gamma ** bisect.bisect_right(milestones, step)
+        return gamma ** bisect.bisect_right(lr_milestones(optim_cfg), step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -100,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-size", type=int, help="evaluation short side (0 = original size)")
     g.add_argument("--points", type=int, help="points per mask (matching and mask losses)")
     g.add_argument("--amp", choices=["fp16", "bf16", "off"], help="mixed precision (default fp16 on CUDA, off on CPU)")
+    g.add_argument("--ctvis", action=argparse.BooleanOptionalAction,
+                   help="stage 1: CTVIS contrastive loss on the reid embeddings across the clip's frames (default: "
+                        "the config's; on for r50/vitl)")
     g.add_argument("--seed", type=int, help="seed of the initialisation, data order and sampling (default 0)")
     g = p.add_argument_group("masked video consistency (MVC paper section 2.2)")
     g.add_argument("--mvc", action=argparse.BooleanOptionalAction,
@@ -201,7 +204,7 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
         cfg.optim.time_budget, cfg.optim.iters = args.time_budget, 0  # fitted after the first steps
     _set(cfg.data, crop_size=tuple(args.crop) if args.crop else None, base_size=args.base_size,
          test_size=args.test_size)
-    _set(cfg.loss, num_points=args.points)
+    _set(cfg.loss, num_points=args.points, ctvis=args.ctvis)
     _set(cfg.mvc, enabled=args.mvc, patch_size=args.mvc_patch, ratio=args.mvc_ratio, weight=args.mvc_weight)
     _set(cfg.semi, pseudo=path(args.pseudo), unlabeled_split=args.unlabeled_split,
          unlabeled_data=path(args.unlabeled_data), unsup_weight=args.unsup_weight,

@@ -23,6 +23,7 @@ import vss.stages
 from helpers import REPO, free_port, script_main, write_ddp_train_wrapper
 from vss.checkpoint import load_checkpoint
 from vss.config import Config, migrate_config, tiny
+from vss.mvc import mvc_settings
 from vss.io import read_label_png, read_split, shift_labels
 from vss.sampler import build_dataset
 from vss.stages import STAGES
@@ -420,6 +421,16 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     # every setting lands in the config: MVC, semi, seed, split
     cfg = printed_config(["--mvc", "--mvc-ratio", 0.5, "--mvc-weight", 2, "--seed", 7, "--split", "val", *data])
     assert (cfg.mvc.enabled, cfg.mvc.patch_size, cfg.mvc.ratio, cfg.mvc.weight) == (True, None, 0.5, 2.0)
+    # MVC's patch: 64 at a 480 short side, scaled with the training short side, unless given
+    assert mvc_settings(cfg) == {"patch_size": round(64 * cfg.data.base_size / 480), "ratio": 0.5, "weight": 2.0}
+    assert mvc_settings(printed_config(["--preset", "r50", "--mvc", *data]))["patch_size"] == 64
+    assert mvc_settings(printed_config(["--mvc", "--mvc-patch", 8, "--base-size", 64, *data]))["patch_size"] == 8
+    assert mvc_settings(printed_config(data)) is None
+    # CTVIS in stage 1: on for r50 (4-frame clips), off for tiny unless asked
+    r50 = printed_config(["--preset", "r50", *data])
+    assert r50.loss.ctvis and r50.clip.frames == 4 and not printed_config(data).loss.ctvis
+    assert printed_config(["--ctvis", *data]).loss.ctvis and not printed_config(["--preset", "r50", "--no-ctvis",
+                                                                                 *data]).loss.ctvis
     assert (cfg.train.seed, cfg.train.split) == (7, "val")
     cfg = printed_config(["--stage", "semi", "--pseudo", "p", "--bank-size", 9, "--ema-decay", 0.5, *data])
     assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
@@ -495,3 +506,16 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(
         if "running_" in key or "num_batches" in key:
             continue  # the old code let the MVC masked pass update BatchNorm statistics (now fixed)
         assert float(final["model"][key].double().sum()) == pytest.approx(total, rel=1e-5, abs=1e-6), key
+
+
+def test_ctvis_stage_one_trains_the_reid_head(setup, straight, tmp_path):
+    """--ctvis: stage 1 logs CTVIS's two terms and updates the reid head (frozen without it)."""
+    out = tmp_path / "ctvis"
+    assert train_main(args_for(setup, out, "--ctvis", "--iters", 2)) == 0
+    lines = [x for x in log_lines(out) if "loss" in x]
+    assert all(x["loss_reid"] > 0 and x["loss_aux_reid"] > 0 for x in lines)
+    reid = lambda ck: {k: v for k, v in ck["model"].items() if ".reid_embed." in k}  # noqa: E731
+    plain, trained = reid(load_checkpoint(straight / "last.pt")), reid(load_checkpoint(out / "last.pt"))
+    assert plain and all(not torch.equal(plain[k], trained[k]) for k in plain if k.endswith("weight"))
+    fresh = load_checkpoint(out / "last.pt")["config"]
+    assert fresh["loss"]["ctvis"] is True

@@ -64,6 +64,11 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     reid_weight: float = 2.0  # contrastive reid losses of the tracker/refiner
+    # CTVIS contrastive learning of the segmenter's reid embeddings in stage 1 (vss/ctvis.py;
+    # DVIS_Plus CL_PLUGIN REID_WEIGHT 2, AUX_REID_WEIGHT 3)
+    ctvis: bool = False
+    ctvis_weight: float = 2.0
+    ctvis_aux_weight: float = 3.0
 
 
 @dataclass
@@ -271,13 +276,19 @@ def tiny() -> Config:
 
 
 def r50() -> Config:
-    """DVIS++ R50 VSPW config (MinVIS_R50_720p / DVIS_Plus_*_R50 yaml)."""
-    return Config(name="r50")
+    """DVIS++ R50 VSPW config (CTVIS_R50 / DVIS_Plus_*_R50 yaml): the segmenter is trained with
+    CTVIS on 4-frame clips (CTVIS_R50.yaml SAMPLING_FRAME_NUM 4)."""
+    cfg = Config(name="r50")
+    cfg.loss.ctvis = True
+    cfg.stages.segmenter.frames = 4
+    return cfg
 
 
 def vitl() -> Config:
-    """DINOv2 ViT-L/14 (frozen) + multi-scale neck, 200 queries (DVIS++ vit_adapter configs)."""
-    cfg = Config(name="vitl")
+    """DINOv2 ViT-L/14 (frozen) + multi-scale neck, 200 queries (DVIS++ vit_adapter configs),
+    segmenter trained with CTVIS (CTVIS_VitAdapterL.yaml)."""
+    cfg = r50()
+    cfg.name = "vitl"
     cfg.model.backbone = "vit_large"
     cfg.model.num_queries = 200
     return cfg

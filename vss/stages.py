@@ -3,8 +3,10 @@ from, how its model and loss are built, and its loss on a micro-batch.
 
 DVIS++ training chain (DVIS++ sec. 3; DVIS_Plus ``dvis_Plus/meta_architecture.py``), each stage
 starting from the previous stage's checkpoint (``train.py --init``):
-- ``segmenter`` (stage 1): Mask2Former on the B*T frames of the clips, per-frame targets,
-  MinVIS-style (no reid loss).
+- ``segmenter`` (stage 1): Mask2Former on the B*T frames of the clips, per-frame targets, and
+  with ``LossConfig.ctvis`` (the r50/vitl presets, as DVIS++'s VSPW segmenters) CTVIS's contrastive
+  loss on the reid embeddings across the clip's frames (``vss/ctvis.py``); without it MinVIS-style,
+  the reid head frozen.
 - ``tracker`` (stage 2): the segmenter frozen; guided matching on the segmenter's outputs while
   the 0-based iteration is < iters // 2 (DVIS_Plus ``DVIS_Plus_online``: ``iter < MAX_ITER // 2``),
   the tracker's own outputs after.
@@ -81,9 +83,10 @@ def _guided(step: int, cfg: Config) -> bool:
 
 def _build_segmenter(cfg: Config, model_stage: str) -> tuple[nn.Module, nn.Module]:
     model = build_video_model(cfg, "segmenter")
-    # MinVIS-style stage 1 (no contrastive reid loss): the reid head gets no gradient. Freeze it so
-    # DDP needs no unused-parameter search and weight decay does not shrink it.
-    model.segmenter.transformer_decoder.reid_embed.requires_grad_(False)
+    if not cfg.loss.ctvis:
+        # MinVIS-style stage 1 (no contrastive reid loss): the reid head gets no gradient. Freeze it
+        # so DDP needs no unused-parameter search and weight decay does not shrink it.
+        model.segmenter.transformer_decoder.reid_embed.requires_grad_(False)
     return model, set_criterion(cfg)
 
 

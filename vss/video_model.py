@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vss.criterion import reid_contrastive_loss
+from vss.ctvis import ctvis_loss, frame_slots
 from vss.data import per_frame_targets
 from vss.matcher import HungarianMatcher, flatten_clip_masks
 from vss.mvc import mvc_loss
@@ -154,6 +155,8 @@ class VideoModel(nn.Module):
         size_divisibility: inference pads frames to a multiple of it.
         reid_weight: weight of the tracker/refiner reid losses.
         memory_size: embeddings per class in the refiner's class memory.
+        ctvis_weights: (reid, aux reid) weights of the CTVIS loss in stage 1 (None: MinVIS-style
+            stage 1 without it; ``vss/ctvis.py``).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class VideoModel(nn.Module):
         size_divisibility: int = 32,
         reid_weight: float = 2.0,
         memory_size: int = 20,
+        ctvis_weights: tuple[float, float] | None = None,
     ):
         super().__init__()
         if stage not in MODULES:
@@ -184,6 +188,7 @@ class VideoModel(nn.Module):
         self.window_size = window_size
         self.size_divisibility = size_divisibility
         self.reid_weight = reid_weight
+        self.ctvis_weights = ctvis_weights
         self.class_memory = ClassMemory(memory_size)
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -263,6 +268,7 @@ def build_video_model(cfg: "Config", stage: str) -> VideoModel:
         window_size=cfg.model.window_size,
         size_divisibility=cfg.data.size_divisibility,
         reid_weight=cfg.loss.reid_weight,
+        ctvis_weights=(cfg.loss.ctvis_weight, cfg.loss.ctvis_aux_weight) if cfg.loss.ctvis else None,
     )
 
 
@@ -509,23 +515,38 @@ def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
     return losses
 
 
-def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module) -> dict[str, Tensor]:
-    """Stage-1 losses: every frame an image, its targets the classes present in it.
+def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module,
+                   ctvis_weights: tuple[float, float] | None = None) -> dict[str, Tensor]:
+    """Stage-1 losses: every frame an image, its targets the classes present in it; with
+    ``ctvis_weights`` also CTVIS's contrastive loss of the reid embeddings across the clip's frames
+    (``loss_reid``, ``loss_aux_reid``; each frame matched on its own, as CTVIS's image matcher).
 
     Args:
         outputs: the segmenter's dict over N = B*T images (clip-major).
         targets: per clip {"labels": (M,), "masks": (M,T,H,W)}.
         criterion: ``vss.criterion.SetCriterion``.
+        ctvis_weights: (reid, aux reid) weights, or None.
     """
     num_frames = targets[0]["masks"].shape[1] if targets else 1
     frame_targets = [per_frame_targets(tg, t) for tg in targets for t in range(num_frames)]
-    return criterion(outputs, frame_targets)
+    losses = criterion(outputs, frame_targets)
+    if ctvis_weights is not None:
+        final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+        assignments = criterion.matcher.match_batch(final, frame_targets)
+        slots = frame_slots(assignments, [tg["labels"] for tg in frame_targets], [tg["labels"] for tg in targets],
+                            num_frames).to(outputs["pred_logits"].device)
+        width = outputs["pred_embds"].shape[-1] // 2
+        reid = outputs["pred_embds"][..., width:].unflatten(0, (len(targets), num_frames))  # (B,T,Q,D)
+        loss_reid, loss_aux = ctvis_loss(reid, slots)
+        losses["loss_reid"] = ctvis_weights[0] * loss_reid
+        losses["loss_aux_reid"] = ctvis_weights[1] * loss_aux
+    return losses
 
 
 # The loss of each stage given ``VideoModel.forward``'s outputs: (core, outputs, targets, criterion,
 # guided, masked: the MVC masked pass) -> weighted terms. A stage is named after the module it trains (``vss/stages.py``).
 STAGE_LOSSES = {
-    "segmenter": lambda core, out, tgts, crit, guided, masked: segmenter_loss(out, tgts, crit),
+    "segmenter": lambda core, out, tgts, crit, guided, masked: segmenter_loss(out, tgts, crit, core.ctvis_weights),
     "tracker": lambda core, out, tgts, crit, guided, masked: tracker_loss(
         out, tgts, crit, guided=guided, reid_weight=core.reid_weight),
     "refiner": lambda core, out, tgts, crit, guided, masked: refiner_loss(

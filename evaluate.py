@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import cv2
 from tqdm import tqdm
 
-from vss.io import (read_prediction_png, write_json_atomic, list_frames, load_class_names, read_label_png, read_split, shift_labels)
+from vss.io import (check_label_range, read_prediction_png, write_json_atomic, list_frames, load_class_names, read_label_png, read_split, shift_labels)
 from vss.metrics import DatasetStats, VideoStats, summarize
 
 REPO = Path(__file__).resolve().parent
@@ -61,6 +61,7 @@ def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, 
     for mask in masks:
         pred_path = pred_dir / video / mask.name
         gt = shift_labels(read_label_png(mask))  # (H,W) uint8 train ids, 255 ignore
+        check_label_range(gt, num_classes, mask)
         pred = read_prediction_png(pred_path)  # (H,W)
         stats.update(gt, pred, name=str(pred_path), copy=False)  # fresh arrays, never modified
     return stats.finish()
@@ -199,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give both --pred and --gt (or no argument at all for the embedded default)")
     if args.num_classes is not None and not 1 <= args.num_classes <= 255:
         parser.error(f"--num-classes must be in 1..255, got {args.num_classes}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1 (1 = in-process), got {args.workers}")
     # corrupt PNGs are reported by our own error line; keep OpenCV's C++ log off stderr
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     reuse_freed_memory()

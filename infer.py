@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from vss.aggregate import aggregate_prediction_dirs, choose_per_video
-from vss.checkpoint import load_checkpoint
+from vss.checkpoint import checkpoint_config, load_checkpoint
 from vss.config import Config
 from vss.data import normalize
 from vss.io import (atomic_path, write_json_atomic, DEFAULT_FPS, default_palette, IMAGE_EXTS, iter_eval_videos, load_class_names, read_frame, read_video, write_label_png, write_video)
@@ -101,13 +101,17 @@ class Options(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+TTA_SCALE_RANGE = (0.25, 4.0)  # a view's short side relative to the test size; beyond, a view is a few pixels or GBs
+
+
 def _scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(not s > 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"scales must be > 0 and not empty, got {text!r}")
+    if not scales or any(not TTA_SCALE_RANGE[0] <= s <= TTA_SCALE_RANGE[1] for s in scales):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"scales must be in {TTA_SCALE_RANGE[0]}..{TTA_SCALE_RANGE[1]} (x the test "
+                                         f"size) and not empty, got {text!r}")
     return scales
 
 
@@ -224,7 +228,7 @@ def load_member(path: Path, device: torch.device, test_size: int | None) -> Memb
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing}: not written by train.py")
     try:
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = checkpoint_config(ckpt)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: unreadable config ({e})") from None
     try:
@@ -438,8 +442,21 @@ def tta_settings(args: argparse.Namespace) -> dict | None:
     return {"scales": list(args.tta_scales), "flip": args.tta_flip, "merge": merge}
 
 
-def run_settings(args: argparse.Namespace, members: Sequence[Member]) -> dict:
-    """Everything that changes the labels; its hash is the run's fingerprint."""
+def inputs_identity(videos: Sequence[VideoInput], root: Path | None, split: str | None) -> dict:
+    """What the predictions are of: the dataset root and split (or the --video inputs), and a digest
+    of every video's name, source and frame files (names, sizes, modification times), so that
+    another dataset, split or video list, or changed frames, is another run."""
+    digest = hashlib.sha256()
+    for video in videos:
+        files = video.frame_paths if video.frame_paths is not None else [video.source]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
+        digest.update(json.dumps([video.name, str(Path(video.source).resolve()), stats]).encode())
+    return {"data": str(root.resolve()) if root is not None else None, "split": split if root is not None else None,
+            "videos": len(videos), "digest": digest.hexdigest()[:16]}
+
+
+def run_settings(args: argparse.Namespace, members: Sequence[Member], inputs: dict) -> dict:
+    """Everything that changes the labels (models, views, inputs); its hash is the run's fingerprint."""
     tta = tta_settings(args)
     models = [{**file_identity(m.path), "stage": m.stage, "test_size": m.test_size} for m in members]
     vlm = None
@@ -449,7 +466,7 @@ def run_settings(args: argparse.Namespace, members: Sequence[Member]) -> dict:
         vlm = {"model": args.vlm_model, "base_url": args.vlm_base_url,
                "groups": file_identity(args.vlm_groups or default_groups_path())}
     mode = "aggregate" if args.aggregate else "ensemble" if len(members) > 1 else "single"
-    return {"mode": mode, "models": models, "tta": tta, "amp": args.amp, "vlm": vlm}
+    return {"mode": mode, "models": models, "tta": tta, "amp": args.amp, "vlm": vlm, "inputs": inputs}
 
 
 def fingerprint(settings: dict) -> str:
@@ -605,7 +622,8 @@ def run_aggregate_preds(args: argparse.Namespace) -> None:
     for d in args.aggregate_preds:
         if not d.is_dir():
             raise FileNotFoundError(f"prediction folder not found: {d}")
-    settings = {"mode": "aggregate-preds", "dirs": [str(d.resolve()) for d in args.aggregate_preds]}
+    settings = {"mode": "aggregate-preds", "dirs": [str(d.resolve()) for d in args.aggregate_preds],
+                "inputs": inputs_identity(videos, root, args.split)}
     report = prepare_out_dir(args.out, settings, args.overwrite, [*args.aggregate_preds, root])
     num_classes = len(load_class_names(root)[0])
     for video in tqdm(videos, desc="aggregate", unit="video", disable=args.no_progress):
@@ -627,7 +645,7 @@ def run_inference(args: argparse.Namespace) -> None:
     members = [load_member(p, device, args.test_size) for p in paths]
     class_names, palette = class_list(members, root)
     vlm_fn = make_vlm(args, class_names, out)
-    settings = run_settings(args, members)
+    settings = run_settings(args, members, inputs_identity(videos, root, args.split))
     inputs = [m.path for m in members] + ([root] if root else [v.source for v in videos])
     report = prepare_out_dir(out, settings, args.overwrite, inputs)
     opts = Options(tta_settings(args), AMP_DTYPES[args.amp], device)

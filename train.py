@@ -35,7 +35,6 @@ good state.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -50,14 +49,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vss.checkpoint import (InitWeights, RunInfo, StopRequest, check_resume, load_checkpoint, load_init_weights,
-                            read_init, restore_training, resume_config, save_training)
+from vss.checkpoint import (InitWeights, RunInfo, StopRequest, check_resume, checkpoint_config, load_init_weights,
+                            load_resume_checkpoint, read_init, restore_training, save_training)
 from vss.config import PRESETS, Config, get_preset, migrate_config
 from vss.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                              init_distributed, is_main, print0)
-from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_video_model, fit_iters,
-                        log_json, lr_milestones, make_autocast, memory_mb, train_step)
-from vss.io import default_palette, iter_eval_videos, load_class_names
+from vss.engine import (BudgetClock, NonFiniteLossError, build_optimizer, build_scheduler, continue_log,
+                        evaluate_video_model, fit_iters, log_json, lr_milestones, make_autocast, memory_mb, train_step)
+from vss.io import default_palette, iter_eval_videos, load_class_names, remove_stale_temporaries
 from vss.mvc import mvc_settings
 from vss.sampler import build_loader, step_seed
 from vss.semi_stage import bank_fill
@@ -157,6 +156,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.test_size is not None and args.test_size < 0:
         parser.error(f"--test-size must be >= 0, got {args.test_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (0 = in the main process), got {args.workers}")
     if args.time_budget is not None and not args.time_budget > 0:
         parser.error(f"--time-budget must be > 0 minutes, got {args.time_budget}")
     if args.time_budget is not None and args.iters is not None:
@@ -231,6 +232,10 @@ def base_config(args: argparse.Namespace, num_classes: int, init: InitWeights | 
         if cfg.model.num_classes != num_classes:
             raise ValueError(f"--init {init.path} predicts {cfg.model.num_classes} classes but the data has "
                              f"{num_classes}")
+        # The model and recipe come from the checkpoint; what its run did (stage, seed, data, MVC, semi,
+        # a time budget) does not carry over to the next stage.
+        fresh = get_preset(cfg.name) if cfg.name in PRESETS else Config()
+        cfg.train, cfg.mvc, cfg.semi, cfg.optim.time_budget = fresh.train, fresh.mvc, fresh.semi, None
     else:
         cfg = get_preset("tiny")
     if args.data is None and args.config is None:  # the embedded data
@@ -266,9 +271,12 @@ def prepare_run(args: argparse.Namespace, dist: DistInfo) -> tuple[Path, Config,
     num_classes = args.num_classes or len(class_names)
     resume = args.out / "last.pt" if args.resume == "auto" else args.resume and Path(args.resume)
     ckpt = init = None
+    if is_main():
+        for path in remove_stale_temporaries(args.out, ["last.pt", "best.pt"]):
+            print0(f"removed {path}, left by a process killed while saving")
     if resume and (args.resume != "auto" or resume.exists()):
-        ckpt = load_checkpoint(resume)
-        cfg = apply_args(resume_config(ckpt), args, num_classes)
+        ckpt = load_resume_checkpoint(resume, args.out / "best.pt")
+        cfg = apply_args(checkpoint_config(ckpt), args, num_classes)
     else:
         init = read_init(args.init) if args.init is not None else None
         cfg = apply_args(base_config(args, num_classes, init), args, num_classes)
@@ -278,26 +286,6 @@ def prepare_run(args: argparse.Namespace, dist: DistInfo) -> tuple[Path, Config,
     if ckpt:
         check_resume(ckpt, resume, cfg, global_batch)
     return root, cfg, ckpt, init, RunInfo(class_names, palette.tolist(), global_batch)
-
-
-class BudgetClock:
-    """CPU seconds of the run's setup and training steps: every thread of this process
-    (time.process_time; data workers excluded), plus what earlier processes of a resumed run used,
-    minus the time spent in validation, so that --eval-every does not change the schedule."""
-
-    def __init__(self, prior_s: float = 0.0):
-        self.prior_s, self.excluded_s = prior_s, 0.0
-
-    def seconds(self) -> float:
-        return self.prior_s + time.process_time() - self.excluded_s
-
-    @contextlib.contextmanager
-    def excluded(self):
-        start = time.process_time()
-        try:
-            yield
-        finally:
-            self.excluded_s += time.process_time() - start
 
 
 class Training:
@@ -408,6 +396,8 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     if is_main():
         (args.out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     tr = Training(args, cfg, ckpt, init, info, dist)
+    if is_main() and ckpt is not None:
+        continue_log(args.out / "log.jsonl", tr.start)
     device = dist.device
     batches = iter(build_loader(root, cfg, rank=dist.rank, world_size=dist.world_size, accum=args.accum,
                                 start_step=tr.start, workers=args.workers, pin_memory=device.type == "cuda"))

@@ -1,7 +1,6 @@
-"""Helpers shared by the tests: the scripts' entry points, and the multi-process helpers."""
+"""Helpers shared by the tests: the scripts' entry points, and the torchrun wrapper."""
 
 import runpy
-import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +25,6 @@ ckpt.is_main = lambda: True  # every rank writes its own checkpoint (test only)
 ckpt.save_checkpoint = lambda path, state: save(f"{{path}}.rank{{dist.get_rank()}}", state)
 sys.exit(runpy.run_path({train!r}, run_name="train_script")["main"](sys.argv[1:]))
 """
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_ddp_train_wrapper(path: Path) -> Path:

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vss import distributed as vd
-from helpers import free_port
 
 NUM_CLASSES = 5
 
@@ -28,9 +28,8 @@ def shared_labels() -> tuple[torch.Tensor, torch.Tensor]:
     return target, pred
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     info = vd.init_distributed("cpu")
     try:
         assert info.enabled and info.rank == rank and info.world_size == world
@@ -58,7 +57,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_two_process_gloo(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     target, pred = shared_labels()
     expected_cm = confusion(target.flatten(), pred.flatten(), NUM_CLASSES)
     expected_rows = torch.cat([

@@ -3,11 +3,11 @@
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -252,9 +252,8 @@ def _reference_metrics(root) -> dict:
     return summarize(merge(stats))
 
 
-def _two_rank_worker(rank: int, world: int, port: int, out_dir: str, data_root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+def _two_rank_worker(rank: int, world: int, store: str, out_dir: str, data_root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     vd.init_distributed("cpu")
     try:
         # 1. a NaN on rank 1 only stops both ranks (no hang in the gradient all-reduce)
@@ -309,10 +308,7 @@ def test_evaluate_model_single_process_matches_metrics(tiny_videos):
 
 
 def test_two_ranks_nan_stops_all_and_eval_matches(tmp_path, tiny_videos):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path), str(tiny_videos)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(tiny_videos)), nprocs=2, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert res[0]["nan"] == "non-finite loss on another rank"
     assert "loss_ce" in res[1]["nan"]

@@ -136,11 +136,23 @@ def _break(kind: str, gt: Path, pred: Path) -> str:
     if kind == "missing_video_folder":
         (gt / "val.txt").write_text("va\nvc\n")
         return "vc"
+    if kind == "gt_id_too_large":  # raw K+2 = train id K+1 on 3 pixels: more classes than --num-classes
+        raw = cv2.imread(str(gt / "data" / "vb" / "mask" / "00006.png"), cv2.IMREAD_UNCHANGED)
+        raw[1, :3] = K + 2
+        cv2.imwrite(str(gt / "data" / "vb" / "mask" / "00006.png"), raw)
+        return f"{gt / 'data' / 'vb' / 'mask' / '00006.png'}: train ids [{K + 1}] (raw values [{K + 2}]) are out of " \
+               f"range for {K} classes (3 pixels)"
+    if kind == "empty_pred":
+        (pred / "va" / "00006.png").write_bytes(b"")
+        return f"prediction PNG {pred / 'va' / '00006.png'} is an empty file"
+    if kind == "empty_gt":
+        (gt / "data" / "va" / "mask" / "00005.png").write_bytes(b"")
+        return f"label PNG {gt / 'data' / 'va' / 'mask' / '00005.png'} is an empty file"
     raise AssertionError(kind)
 
 
 BAD = ["missing_frame", "missing_video", "wrong_size", "id_too_large", "corrupt_pred", "corrupt_gt", "empty_split",
-       "video_without_frames", "missing_video_folder"]
+       "video_without_frames", "missing_video_folder", "gt_id_too_large", "empty_pred", "empty_gt"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -202,3 +214,18 @@ def test_default_run_evaluates_the_synthetic_dataset(tmp_path, monkeypatch, caps
     assert res["mIoU"] == 1.0 and res["num_videos"] == len(read_split(root, "val"))
     assert res["num_classes"] == len(load_class_names(root)[0]) and res["config"]["gt"] == str(root)
     assert res["VC8_windows"] > 0 and res["VC8"] == 1.0  # the prediction is a function of the GT
+
+
+def test_fewer_classes_than_the_data_is_refused(tmp_path, capsys):
+    """--num-classes below the data's: the GT pixels of the extra classes are not dropped (which
+    inflated mIoU to 100% for a 5-class run on 11-class data) but refused."""
+    gt, pred = make_set(tmp_path)
+    rc, out = ev.main(["--gt", str(gt), "--pred", str(pred), "--num-classes", str(K - 1), "--no-progress"]), capsys.readouterr()
+    assert rc == 2 and f"out of range for {K - 1} classes" in out.err and "pixels" in out.err
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_must_be_positive(tmp_path, workers):
+    gt, pred = make_set(tmp_path)
+    proc = _run_cli("--gt", gt, "--pred", pred, "--num-classes", K, "--workers", workers)
+    assert proc.returncode == 2 and "--workers must be >= 1" in proc.stderr

@@ -5,6 +5,8 @@ predict_video (frames resized and views built by hand), so wiring mistakes in in
 
 import functools
 import json
+import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -427,3 +429,48 @@ def test_vlm_relabels_the_group_region_and_hides_the_key(ckpts, data_root, plain
         if region.any():
             assert report[video]["vlm"]["green"]["choice"] == "grass"
     assert list((out / "vlm_cache").glob("*.json"))  # answers cached
+
+
+def test_existing_output_of_other_inputs_is_refused(ckpts, data_root, tmp_path, capsys):
+    """Predictions in --out are reused only for the same inputs: another dataset whose video names
+    match, another split, or changed frames is another run (refused; --overwrite redoes it)."""
+    data_root = Path(shutil.copytree(data_root, tmp_path / "data" / "synthetic"))  # its frames get touched below
+    out = tmp_path / "pred"
+    assert _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out)[0] == 0
+    twin = tmp_path / "twin" / "synthetic"  # the same video names, other frames
+    render_dataset(twin, num_videos=3, frames=(3, 4), height=H0, width=W0, num_classes=K, seed=4,
+                   splits={"train": 1 / 3, "val": 2 / 3})
+    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", twin, "--out", out)
+    assert code == 2 and "inputs" in err and "--overwrite" in err
+    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--split", "train", "--out", out)
+    assert code == 2 and "inputs" in err
+    frame = sorted((data_root / "data" / _val_videos(data_root)[0] / "origin").glob("*.jpg"))[0]
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))  # a re-extracted frame
+    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out)
+    assert code == 2 and "inputs" in err
+    assert _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out, "--overwrite")[0] == 0
+
+
+def test_truncated_and_empty_frames_are_refused(ckpts, data_root, tmp_path, capsys):
+    """A JPEG cut short (cv2.imread would return it half grey with only a libjpeg warning) and an
+    empty frame file: a named error, exit 2."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    frames = sorted((data_root / "data" / _val_videos(data_root)[0] / "origin").glob("*.jpg"))
+    for f in frames:
+        shutil.copy(f, folder / f.name)
+    data = frames[1].read_bytes()
+    (folder / frames[1].name).write_bytes(data[: len(data) * 2 // 3])
+    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--video", folder, "--out", tmp_path / "o1")
+    assert code == 2 and f"{folder / frames[1].name} is a truncated JPEG" in err
+    (folder / frames[1].name).write_bytes(b"")
+    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--video", folder, "--out", tmp_path / "o2")
+    assert code == 2 and f"{folder / frames[1].name} is an empty file" in err
+
+
+@pytest.mark.parametrize("scales", ["inf", "nan", "0.001", "1.0,9", ""])
+def test_tta_scales_out_of_range_are_a_usage_error(ckpts, data_root, tmp_path, capsys, scales):
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(ckpts[0]), "--data", str(data_root), "--out", str(tmp_path / "o"), "--tta",
+                    "--tta-scales", scales])
+    assert e.value.code == 2 and "scales must be in 0.25..4.0" in capsys.readouterr().err

@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vss import semi
-from helpers import free_port
 
 VECTORS = Path(__file__).resolve().parent / "data" / "u2pl_vectors.npz"
 K = 5  # classes in the vectors
@@ -396,16 +395,12 @@ def test_memory_bank_fifo_and_state():
 
 
 
-def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+def _gather_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
     from vss import distributed as vd
 
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     vd.init_distributed("cpu")
     try:
         counts = [[2, 0, 1], [0, 3, 1]][rank]  # class 1 only on rank 1, class 0 only on rank 0
@@ -425,7 +420,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_memory_bank_gathers_keys_from_all_ranks(tmp_path):
-    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     expect = [[0, 1], [110, 111, 112], [20, 120]]  # per class: rank 0's rows, then rank 1's
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -28,7 +28,7 @@ from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, collate_pse
                             transform_map)
 from vss.synthetic import render_dataset  # noqa: E402
 from vss.video_model import build_video_model  # noqa: E402
-from helpers import free_port, script_main, write_ddp_train_wrapper  # noqa: E402
+from helpers import script_main, write_ddp_train_wrapper  # noqa: E402
 from vss.stages import set_criterion  # noqa: E402
 
 train_main = script_main("train.py")
@@ -325,8 +325,8 @@ def test_two_rank_semi_run_gathers_the_memory_bank(setup, tmp_path):
     wrapper = write_ddp_train_wrapper(tmp_path / "wrapper.py")
     out = tmp_path / "ddp"
     argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--iters", 2)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(wrapper), *argv], cwd=REPO, env=ENV, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(wrapper), *argv], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = load_checkpoint(out / "last.pt.rank0"), load_checkpoint(out / "last.pt.rank1")

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import vss.stages
-from helpers import REPO, free_port, script_main, write_ddp_train_wrapper
+from helpers import REPO, script_main, write_ddp_train_wrapper
 from vss.checkpoint import load_checkpoint
 from vss.config import Config, migrate_config, tiny
 from vss.mvc import mvc_settings
@@ -147,8 +148,7 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
             assert set(shift_labels(read_label_png(mask)).ravel().tolist()) - {255} == {0, 1}
     extra = ("--iters", 3, "--mvc", "--mvc-patch", 8)
     wrapper = write_ddp_train_wrapper(tmp_path / "ddp_wrapper.py")
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port()), str(wrapper))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper))
     ddp = run(args_for(setup, tmp_path / "ddp", *extra), launcher=launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run(args_for(setup, tmp_path / "single", *extra, "--accum", 2))
@@ -437,6 +437,12 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     # without --config/--preset the --init checkpoint's config is the base
     cfg = printed_config(["--stage", "tracker", "--init", straight / "last.pt", *data])
     assert cfg.model.hidden_dim == 32 and cfg.clip.frames == 5 and cfg.optim.iters == 4
+    # ... but not what its run did: a stage 2 from an MVC run with seed 3 is neither MVC nor seed 3
+    mvc_run = load_checkpoint(straight / "last.pt")
+    mvc_run["config"]["mvc"]["enabled"], mvc_run["config"]["train"]["seed"] = True, 3
+    torch.save(mvc_run, tmp_path / "mvc_run.pt")
+    cfg = printed_config(["--stage", "tracker", "--init", tmp_path / "mvc_run.pt", *data])
+    assert not cfg.mvc.enabled and cfg.train.seed == 0 and cfg.train.stage == "tracker"
     with pytest.raises(ValueError, match="predicts 2 classes"):
         printed_config(["--init", straight / "last.pt", "--num-classes", 3, *data])
 
@@ -519,3 +525,65 @@ def test_ctvis_stage_one_trains_the_reid_head(setup, straight, tmp_path):
     assert plain and all(not torch.equal(plain[k], trained[k]) for k in plain if k.endswith("weight"))
     fresh = load_checkpoint(out / "last.pt")["config"]
     assert fresh["loss"]["ctvis"] is True
+
+
+def _copy_data(setup, tmp_path) -> Path:
+    return Path(shutil.copytree(setup["data"], tmp_path / "data"))
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpeg", "empty_mask", "empty_frame"])
+def test_broken_training_files_are_named(setup, tmp_path, capsys, damage):
+    """A truncated JPEG (decoded half grey by cv2.imread, with only a libjpeg warning) or a 0-byte
+    frame or mask among the training frames: a named error, exit 2."""
+    data = _copy_data(setup, tmp_path)
+    for video in read_split(data, "train"):  # every training file, so the first clip meets one
+        for frame in (data / "data" / video / "origin").glob("*.jpg"):
+            if damage == "truncated_jpeg":
+                frame.write_bytes(frame.read_bytes()[:400])
+            elif damage == "empty_frame":
+                frame.write_bytes(b"")
+        for mask in (data / "data" / video / "mask").glob("*.png"):
+            if damage == "empty_mask":
+                mask.write_bytes(b"")
+    argv = args_for(setup, tmp_path / "run", "--iters", 1)
+    argv[argv.index("--data") + 1] = str(data)
+    capsys.readouterr()
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    expected = {"truncated_jpeg": "is a truncated JPEG", "empty_frame": "is an empty file",
+                "empty_mask": "is an empty file"}[damage]
+    assert expected in err and str(data) in err and "Traceback" not in err
+
+
+def test_a_killed_save_leaves_nothing_behind_and_the_log_continues(setup, tmp_path, capsys):
+    """SIGKILL during a save leaves a hidden temporary file (as large as a checkpoint): the next start
+    removes it. Steps logged after the last checkpoint are logged again on resume, once."""
+    out = tmp_path / "run"
+    assert train_main(args_for(setup, out, "--stop-at", 2, "--save-every", 2)) == 0
+    stale = out / ".last.pt.0badc0de.tmp"
+    stale.write_bytes(b"x" * 1000)
+    keep = out / ".last.pt.notours.tmp"  # not a name atomic_path makes: left alone
+    keep.write_bytes(b"x")
+    with open(out / "log.jsonl", "a") as f:  # step 3 ran, then the process was killed before its save
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    assert train_main(args_for(setup, out, "--resume", "auto")) == 0
+    assert not stale.exists() and keep.exists() and f"removed {stale}" in capsys.readouterr().out
+    steps = [x["step"] for x in log_lines(out) if "loss" in x]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_corrupt_last_checkpoint_points_to_best(setup, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    assert (out / "best.pt").is_file()
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:5000])
+    assert train_main(args_for(setup, out, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and f"--resume {out / 'best.pt'}" in err
+
+
+@pytest.mark.parametrize("workers", ["-1"])
+def test_negative_workers_is_a_usage_error(setup, tmp_path, capsys, workers):
+    with pytest.raises(SystemExit) as e:
+        train_main(args_for(setup, tmp_path / "x", "--workers", workers))
+    assert e.value.code == 2 and "--workers must be >= 0" in capsys.readouterr().err

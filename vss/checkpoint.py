@@ -306,8 +306,8 @@ def _trained_stage(ckpt: dict) -> str | None:
     return "semi" if ckpt.get("semi") else ckpt.get("stage")
 
 
-def resume_config(ckpt: dict) -> Config:
-    """The config of a checkpoint to resume (migrated from older versions)."""
+def checkpoint_config(ckpt: dict) -> Config:
+    """The config of a vss checkpoint (migrated from older versions)."""
     return Config.from_dict(migrate_config(ckpt["config"], _trained_stage(ckpt), ckpt.get("args")))
 
 
@@ -319,7 +319,7 @@ def check_resume(ckpt: dict, path: Path, cfg: Config, global_batch: int) -> None
     if trained != cfg.train.stage:
         raise ValueError(f"{path} is a {trained!r} checkpoint, not {cfg.train.stage!r}; "
                          "start the next stage with --init")
-    differ = config_diff(resume_config(ckpt), cfg)
+    differ = config_diff(checkpoint_config(ckpt), cfg)
     if ckpt["data"]["global_batch"] != global_batch:
         differ.append(f"global batch {ckpt['data']['global_batch']} -> {global_batch}")
     if differ:
@@ -344,6 +344,17 @@ def restore_training(ckpt: dict, *, model: nn.Module, criterion: nn.Module, opti
         model.rep_head.load_state_dict(ckpt["semi_state"]["rep_head"])
         criterion.load_semi_state(ckpt["semi_state"])
     return ckpt["step"], ckpt["best_miou"]
+
+
+def load_resume_checkpoint(path: Path, best: Path) -> dict:
+    """The checkpoint to resume; when it is unreadable, the error says whether best.pt can serve."""
+    try:
+        return load_checkpoint(path)
+    except ValueError as e:
+        if path == best or not best.is_file():
+            raise
+        raise ValueError(f"{e}. {best} (the best validated state, an earlier step) is intact: continue from it "
+                         f"with --resume {best}") from None
 
 
 class StopRequest:

@@ -57,8 +57,13 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device_pref: "auto" (CUDA when available), "cpu" or "cuda".
     Returns:
         DistInfo. Under torchrun with WORLD_SIZE > 1: NCCL on CUDA (the current device is set
-        to LOCAL_RANK) or gloo on CPU, initialised from env:// (MASTER_ADDR/MASTER_PORT).
+        to LOCAL_RANK) or gloo on CPU, initialised from env:// (MASTER_ADDR/MASTER_PORT). A
+        process group the caller initialised already is used as it is.
     """
+    if dist.is_available() and dist.is_initialized():  # the caller made the group (e.g. a file:// store)
+        local_rank = _env_int("LOCAL_RANK", dist.get_rank())
+        device = _resolve_device(device_pref, local_rank)
+        return DistInfo(dist.get_world_size() > 1, dist.get_rank(), local_rank, dist.get_world_size(), device)
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -71,8 +76,7 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
     return DistInfo(True, rank, local_rank, world_size, device)
 
 

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import resource
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from vss.config import DataConfig, OptimConfig
 from vss.data import normalize
-from vss.io import EvalVideo, json_safe, read_frame, read_label_png, shift_labels
+from vss.io import EvalVideo, atomic_path, json_safe, read_frame, read_label_png, shift_labels
 from vss.distributed import all_gather_object, all_reduce_sum, get_rank, get_world_size
 from vss.metrics import DatasetStats, VideoStats, summarize
 
@@ -172,16 +173,17 @@ class NonFiniteLossError(RuntimeError):
     before this step is the last good one)."""
 
 
-def _check_finite(terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+def _non_finite_error(terms: dict[str, torch.Tensor], loss: torch.Tensor) -> NonFiniteLossError | None:
+    """The error to raise when the loss is NaN/inf on any rank, else None (collective)."""
     # Decide on every rank together: if only the rank with the NaN raised, the others would
     # wait for it forever in the gradient all-reduce.
     bad_here = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
     if float(all_reduce_sum(bad_here)) == 0.0:
-        return
+        return None
     if bad_here.item():
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
-        raise NonFiniteLossError(f"non-finite loss {loss.item()} (terms: {', '.join(bad)})")
-    raise NonFiniteLossError("non-finite loss on another rank")
+        return NonFiniteLossError(f"non-finite loss {loss.item()} (terms: {', '.join(bad)})")
+    return NonFiniteLossError("non-finite loss on another rank")
 
 
 def train_step(
@@ -235,7 +237,9 @@ def train_step(
             if not terms:
                 raise ValueError("loss_fn returned no loss terms")
             loss = torch.stack([v.float() for v in terms.values()]).sum()
-            _check_finite(terms, loss)
+            error = _non_finite_error(terms, loss)
+            if error is not None:
+                raise error
             (scaler.scale(loss / num) if use_scaler else loss / num).backward()
         for key, value in [("loss", loss), *terms.items()]:
             means[key] = means.get(key, 0.0) + value.detach().float().item() / num
@@ -383,3 +387,34 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def continue_log(path: Path, step: int) -> None:
+    """Keep the log lines up to ``step``: a run resumed from step S logs S+1, ... again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class BudgetClock:
+    """CPU seconds of the run's setup and training steps: every thread of this process
+    (time.process_time; data workers excluded), plus what earlier processes of a resumed run used,
+    minus the time spent in validation, so that --eval-every does not change the schedule."""
+
+    def __init__(self, prior_s: float = 0.0):
+        self.prior_s, self.excluded_s = prior_s, 0.0
+
+    def seconds(self) -> float:
+        return self.prior_s + time.process_time() - self.excluded_s
+
+    @contextlib.contextmanager
+    def excluded(self):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.excluded_s += time.process_time() - start

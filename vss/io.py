@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,8 @@ IGNORE = 255  # ignore / void train id, and label padding
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"  # SOI / EOI markers
+_JPEG_TAIL = 1024  # EOI must be among the last bytes (some writers pad or append a short trailer)
 
 # --------------------------------------------------------------------------------------------
 # VSPW layout
@@ -106,6 +109,8 @@ def decode_png(data: bytes, path: str | os.PathLike, what: str = "PNG") -> np.nd
     Raises:
         ValueError: corrupt, truncated or not an image.
     """
+    if not data:
+        raise ValueError(f"{what} {path} is an empty file")
     if _png_color_type(data) == 3:
         try:
             with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
@@ -270,6 +275,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, names: Sequence[str], suffix: str = ".tmp") -> list[Path]:
+    """Delete the temporary files ``atomic_path`` left beside ``folder/name`` when its process was
+    killed mid-write (SIGKILL, power loss; as large as the file they were to replace). Call it
+    only where no other process writes these files.
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}{re.escape(suffix)}")
+        for path in folder.glob(f".{name}.*{suffix}") if folder.is_dir() else []:
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def json_safe(x):
     """Plain JSON values, recursively: numpy scalars as numbers, tuples as lists, keys as strings,
     NaN/inf (e.g. VC16 of videos shorter than 17 frames) as null, since strict JSON has none."""
@@ -318,17 +342,31 @@ def write_label_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndar
 
 
 def read_frame(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as (H,W,3) uint8 RGB.
+    """Read an image as (H,W,3) uint8 RGB, refusing broken files.
+
+    A JPEG cut short (an interrupted copy or extraction) is refused: ``cv2.imread`` would return it
+    with the missing part grey and only print a libjpeg warning. It is recognised by its missing
+    end-of-image marker (FF D9 among its last bytes; inside the entropy-coded data an FF byte is
+    always followed by 00 or a restart marker, so the marker cannot appear there by chance), and
+    such a file does not decode from its bytes either.
 
     Raises:
-        FileNotFoundError: missing file. ValueError: unreadable/corrupt image.
+        FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or unsupported.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"frame not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"frame not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"frame {path} is a folder, not an image") from None
+    if not data:
+        raise ValueError(f"frame {path} is an empty file")
+    if data[:2] == _JPEG_START and _JPEG_END not in data[-_JPEG_TAIL:]:
+        raise ValueError(f"frame {path} is a truncated JPEG (no end-of-image marker): re-extract or remove it")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"cannot read image {path} (corrupt, empty or unsupported format)")
+        raise ValueError(f"cannot read image {path} (corrupt, truncated or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -344,13 +382,15 @@ def paired_frames(video_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 def check_label_range(label: np.ndarray, num_classes: int, path: str | os.PathLike) -> None:
-    """Raise ValueError naming ``path`` when a shifted label holds ids >= num_classes (other than 255)."""
+    """Raise ValueError naming ``path``, the ids and their pixel count when a shifted label holds
+    ids >= num_classes (other than 255): the data has more classes than the model or the metric
+    is set up for, and those pixels must not be dropped silently."""
     bad = (label >= num_classes) & (label != IGNORE)
     if bad.any():
-        values = np.unique(label[bad]).tolist()
+        values, counts = np.unique(label[bad], return_counts=True)
         raise ValueError(
-            f"{path}: train ids {values[:10]} (raw values {[v + 1 for v in values[:10]]}) are out of range "
-            f"for {num_classes} classes"
+            f"{path}: train ids {values[:10].tolist()} (raw values {[int(v) + 1 for v in values[:10]]}) are out of "
+            f"range for {num_classes} classes ({int(counts.sum())} pixels); check --num-classes / classes.json"
         )
 
 

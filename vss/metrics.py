@@ -319,6 +319,14 @@ def _keep(buffer: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     return x.copy()
 
 
+def _official_nanmean(x: np.ndarray) -> float:
+    """``np.nanmean`` as VC_perclip.py takes it (the same summation, so equal to the last bit),
+    NaN without the warning when nothing is finite."""
+    if not np.isfinite(x).any():
+        return float("nan")
+    return float(np.nanmean(x))
+
+
 def _nanmean(x: np.ndarray) -> float:
     """np.nanmean without the empty-slice warning: NaN when nothing is finite."""
     x = x[~np.isnan(x)]
@@ -418,14 +426,19 @@ def summarize(stats: DatasetStats, class_names: Sequence[str] | None = None) -> 
     rows, total = cm.sum(1), cm.sum()
     present = rows > 0
     iou = iou_from_confusion(cm)
+    # The official utils.Evaluator's expressions, term for term, so the figures are equal to the
+    # last bit (a mean over the present classes alone can differ from its nansum in the last bit).
+    diag = np.diag(cm)
     with np.errstate(invalid="ignore", divide="ignore"):
+        iou_all = diag / (rows + cm.sum(0) - diag)  # (K,) 0 or NaN for absent classes
         freq = rows / total
-        class_acc = np.diag(cm)[present] / rows[present]
+        miou = np.nansum(iou_all * present) / present.sum()
+        class_acc = np.nanmean(diag / rows)
     out = {
-        "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
-        "fwIoU": float((freq[present] * iou[present]).sum()) if present.any() else float("nan"),
-        "pixel_acc": float(np.trace(cm) / total) if total > 0 else float("nan"),
-        "class_acc": float(class_acc.mean()) if present.any() else float("nan"),
+        "mIoU": float(miou) if present.any() else float("nan"),
+        "fwIoU": float((freq[freq > 0] * iou_all[freq > 0]).sum()) if present.any() else float("nan"),
+        "pixel_acc": float(diag.sum() / total) if total > 0 else float("nan"),
+        "class_acc": float(class_acc) if present.any() else float("nan"),
         "num_classes": k,
         "num_videos": len(stats.videos),
         "num_frames": stats.num_frames,
@@ -433,7 +446,7 @@ def summarize(stats: DatasetStats, class_names: Sequence[str] | None = None) -> 
     }
     for n in stats.vc_sizes:
         pooled = np.concatenate(stats.ratios[n]) if stats.ratios[n] else np.zeros(0)
-        out[f"VC{n}"] = _nanmean(pooled)
+        out[f"VC{n}"] = _official_nanmean(pooled)
         out[f"VC{n}_windows"] = int(pooled.size)
         out[f"VC{n}_valid_windows"] = int(np.count_nonzero(~np.isnan(pooled)))
     out["per_class_IoU"] = {name: float(v) for name, v in zip(names, iou)}

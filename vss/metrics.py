@@ -2,8 +2,8 @@
 and video consistency VC_n.
 
 Both papers report the PVUW VSS numbers of the official VSPW evaluation (VSPW-dataset/VSPW_code:
-``Evaluator`` in ``utils.py`` for mIoU/fwIoU, ``VC_perclip.py`` for VC_n; see
-VSPW-dataset/VSPW_code ``utils.py`` ``Evaluator`` and ``VC_perclip.py``). What this module computes:
+``Evaluator`` in ``utils.py``, driven by ``evaluator_test.py``, for mIoU/fwIoU;
+``VC_perclip.py`` with ``get_common`` for VC_n). What this module computes:
 
 - One global confusion matrix ``CM[gt, pred]`` (K x K pixel counts) summed over every mask frame
   of every video. GT pixels with a value outside 0..K-1 (ignore 255, i.e. raw "others" and

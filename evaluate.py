@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import cv2
 from tqdm import tqdm
 
-from vss.io import (check_label_range, read_prediction_png, write_json_atomic, list_frames, load_class_names, read_label_png, read_split, shift_labels)
+from vss.io import (check_label_range, read_prediction_png, read_shifted_label, write_json_atomic, list_frames, load_class_names, read_split)
 from vss.metrics import DatasetStats, VideoStats, summarize
 
 REPO = Path(__file__).resolve().parent
@@ -60,8 +60,9 @@ def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, 
     stats = VideoStats(num_classes, vc_sizes, name=video, include_last_window=include_last_window)
     for mask in masks:
         pred_path = pred_dir / video / mask.name
-        gt = shift_labels(read_label_png(mask))  # (H,W) uint8 train ids, 255 ignore
-        check_label_range(gt, num_classes, mask)
+        gt = read_shifted_label(mask)  # (H,W) uint8 train ids, 255 ignore
+        if cv2.countNonZero(cv2.inRange(gt, num_classes, 254)):  # ids >= K other than ignore: one fast pass
+            check_label_range(gt, num_classes, mask)
         pred = read_prediction_png(pred_path)  # (H,W)
         stats.update(gt, pred, name=str(pred_path), copy=False)  # fresh arrays, never modified
     return stats.finish()

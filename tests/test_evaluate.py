@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import evaluate as ev
+from vss import io as vio
 from vss.io import write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,3 +230,100 @@ def test_workers_must_be_positive(tmp_path, workers):
     gt, pred = make_set(tmp_path)
     proc = _run_cli("--gt", gt, "--pred", pred, "--num-classes", K, "--workers", workers)
     assert proc.returncode == 2 and "--workers must be >= 1" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# the plain-PNG fast path of the decoders
+# ------------------------------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _unfiltered_grey_png(label: np.ndarray) -> bytes:
+    """An 8-bit grey PNG with every row unfiltered, written by hand (no library writes one)."""
+    import struct
+    import zlib
+
+    h, w = label.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), label], axis=1)  # filter type 0 on each row
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(rows.tobytes())) + _chunk(b"IEND", b""))
+
+
+def _png_variants(tmp_path: Path):
+    """The same 37x23 label map (values 0..124 and 255) as PNGs of several kinds."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    label = rng.choice(np.r_[np.arange(125), 255], (23, 37)).astype(np.uint8)
+    label[5:15, 3:30] = 7  # a flat region: long deflate matches
+    files = {"palette": tmp_path / "palette.png", "grey_plain": tmp_path / "grey_plain.png",
+             "grey_pil": tmp_path / "grey_pil.png", "grey_cv2": tmp_path / "grey_cv2.png",
+             "grey16": tmp_path / "grey16.png"}
+    write_label_png(files["palette"], label)  # PIL's palette PNGs: every row unfiltered
+    files["grey_plain"].write_bytes(_unfiltered_grey_png(label))
+    Image.fromarray(label, mode="L").save(files["grey_pil"])  # filtered rows
+    cv2.imwrite(str(files["grey_cv2"]), label)  # filtered rows
+    cv2.imwrite(str(files["grey16"]), label.astype(np.uint16) * 3)
+    return label, files
+
+
+def test_plain_png_fast_path_equals_the_library_decoders(tmp_path):
+    """Unfiltered 8-bit palette and grey PNGs take the fast path and decode to exactly what
+    PIL / cv2 give; filtered rows and 16 bits fall back to them, with the same values; an
+    interlaced header is left to them too."""
+    from vss.io import decode_png, read_label_png, shift_labels
+
+    label, files = _png_variants(tmp_path)
+    for kind, path in files.items():
+        data = path.read_bytes()
+        fast = vio.decode_plain_png(data)
+        if kind in ("palette", "grey_plain"):
+            assert fast is not None and fast.flags.c_contiguous, kind
+            np.testing.assert_array_equal(fast, decode_png(data, path))
+        else:
+            assert fast is None, kind
+        expected = label.astype(np.uint16) * 3 if kind == "grey16" else label
+        np.testing.assert_array_equal(vio.read_prediction_png(path), expected)
+        if kind != "grey16":
+            np.testing.assert_array_equal(vio.read_shifted_label(path), shift_labels(read_label_png(path)))
+    data = files["grey_plain"].read_bytes()  # IHDR at byte 8: length, type, 13 bytes, CRC
+    ihdr = bytearray(data[12:29])
+    ihdr[-1] = 1  # interlace method: Adam7
+    assert vio.decode_plain_png(data[:8] + _chunk(bytes(ihdr[:4]), bytes(ihdr[4:])) + data[33:]) is None
+
+
+def test_plain_png_broken_files_fall_back_to_the_library_decoders(tmp_path):
+    """A flipped byte in the compressed data (chunk CRC), a cut file or a missing IEND give None
+    from the fast path; the readers then do what the library decoder does with the file (PIL
+    raises for some, decodes others), as before the fast path existed."""
+    from vss.io import decode_png
+
+    _, files = _png_variants(tmp_path)
+    data = files["palette"].read_bytes()
+    idat = data.index(b"IDAT")
+    broken = {
+        "flipped": data[: idat + 20] + bytes([data[idat + 20] ^ 0xFF]) + data[idat + 21 :],
+        "cut": data[: idat + 30],
+        "no_iend": data[: data.index(b"IEND") - 4],
+    }
+    raised = 0
+    for kind, blob in broken.items():
+        assert vio.decode_plain_png(blob) is None, kind
+        path = tmp_path / f"{kind}.png"
+        path.write_bytes(blob)
+        try:
+            expected = decode_png(blob, path)
+        except ValueError:
+            raised += 1
+            for reader in (vio.read_prediction_png, vio.read_shifted_label):
+                with pytest.raises(ValueError, match=str(path)):
+                    reader(path)
+        else:
+            np.testing.assert_array_equal(vio.read_prediction_png(path), expected)
+    assert raised >= 1  # the cut file at least

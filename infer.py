@@ -104,7 +104,14 @@ class Options(NamedTuple):
 TTA_SCALE_RANGE = (0.25, 4.0)  # a view's short side relative to the test size; beyond, a view is a few pixels or GBs
 
 
+# Named view sets: the MVC paper's scales (sec. 2.4) and the PVUW 2024 1st place's (U2PL-style
+# pseudo labels: 512/896 .. 1408/896, a short side of 896 at test time).
+TTA_SCALE_SETS = {"mvc": (0.9, 1.0, 1.1, 1.2), "u2pl": tuple(s / 896 for s in range(512, 1409, 128))}
+
+
 def _scales(text: str) -> tuple[float, ...]:
+    if text in TTA_SCALE_SETS:
+        return TTA_SCALE_SETS[text]
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -159,8 +166,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("test-time augmentation")
     g.add_argument("--tta", action="store_true", help="multi-scale + flip views of every video")
-    g.add_argument("--tta-scales", type=_scales, default=(0.9, 1.0, 1.1, 1.2), metavar="S,S,...",
-                   help="view scales relative to the test size (default: 0.9,1.0,1.1,1.2)")
+    g.add_argument("--tta-scales", type=_scales, default=TTA_SCALE_SETS["mvc"], metavar="S,S,...",
+                   help="view scales relative to the test size, or a named set: mvc = 0.9,1.0,1.1,1.2 (the "
+                        "default, MVC paper), u2pl = 512/896..1408/896 in steps of 128/896 (PVUW 1st place)")
     g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="add the horizontally flipped view of every scale (default: on)")
     g.add_argument("--tta-merge", choices=("vote", "mean"), default=None,

@@ -124,6 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--entropy-alpha", type=float,
                    help="U2PL alpha_0: %% of lowest/highest-entropy pixels for anchors/negatives, -> 0 (default 20)")
     g.add_argument("--ema-decay", type=float, help="teacher EMA decay (default 0.99)")
+    g.add_argument("--cutmix", action=argparse.BooleanOptionalAction,
+                   help="U2PL's CutMix of the unlabelled clips, one box per clip in all its frames (default off)")
     g.add_argument("--bank-size", type=int,
                    help="memory-bank keys per class, 1 KiB each, in RAM on every rank and in every checkpoint "
                         "(default 30000, U2PL's, for the r50/vitl presets: ~3.8 GB with VSPW's 124 classes; "
@@ -210,7 +212,8 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
     _set(cfg.semi, pseudo=path(args.pseudo), unlabeled_split=args.unlabeled_split,
          unlabeled_data=path(args.unlabeled_data), unsup_weight=args.unsup_weight,
          contrastive_weight=args.contrastive_weight, drop_percent=args.drop_percent,
-         entropy_alpha=args.entropy_alpha, ema_decay=args.ema_decay, bank_size=args.bank_size)
+         entropy_alpha=args.entropy_alpha, ema_decay=args.ema_decay, bank_size=args.bank_size,
+         cutmix=args.cutmix)
     return cfg
 
 

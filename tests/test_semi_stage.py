@@ -137,6 +137,42 @@ def test_missing_pseudo_labels_name_the_file(setup, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_semi_loss_cutmix_pastes_one_box_per_clip_into_every_frame(monkeypatch):
+    """cutmix=True: the student (and the EMA teacher) see unlabelled clips with a box of the next
+    clip pasted in, the same box in all frames; the pseudo-label targets and entropies follow it."""
+    torch.manual_seed(0)
+    cfg = micro_config()
+    student = SemiStudent(build_video_model(cfg, "segmenter"), cfg.model.mask_dim)
+    loss = SemiLoss(set_criterion(cfg), student, K, queue_size=50, drop_base=100.0, cutmix=True)
+    g = torch.Generator().manual_seed(1)
+    labels_l = torch.randint(0, K, (1, 2, 32, 32), generator=g)
+    labelled = collate_clips([{"frames": torch.randn(2, 3, 32, 32, generator=g), "labels": labels_l[0],
+                               "video": "l", "frame_names": ["0", "1"]}])
+    labels_u = torch.stack([torch.full((2, 32, 32), 1), torch.full((2, 32, 32), 3)])  # (Bu=2,T,H,W), one class a clip
+    frames_u = torch.stack([torch.full((2, 3, 32, 32), 1.0), torch.full((2, 3, 32, 32), -1.0)])
+    unlabelled = {"frames": frames_u, "labels": labels_u, "entropy": torch.rand(2, 2, 32, 32, generator=g)}
+    seen_images, seen_targets = [], []
+    real_forward, criterion_forward = student.forward, loss.criterion.forward
+    monkeypatch.setattr(student, "forward", lambda images: seen_images.append(images) or real_forward(images))
+    monkeypatch.setattr(loss.criterion, "forward",
+                        lambda o, t, i=None: seen_targets.append(t) or criterion_forward(o, t, i))
+    loss(student, labelled, unlabelled, progress=0.0)
+    mixed = seen_images[0][2:].view(2, 2, 3, 32, 32)  # the unlabelled frames the student saw
+    for b in range(2):
+        pasted = mixed[b, 0, 0] != frames_u[b, 0, 0]  # (H,W) where the next clip shows
+        assert 0.3 < pasted.float().mean() < 0.7  # about half the area, one rectangle
+        rows, cols = pasted.any(1).nonzero()[:, 0], pasted.any(0).nonzero()[:, 0]
+        assert bool(pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+        assert torch.equal(mixed[b, 1], mixed[b, 0])  # the same box in every frame
+        for t in range(2):
+            target = seen_targets[1][2 * b + t]  # the pseudo-label targets of frame t of clip b
+            by_class = dict(zip(target["labels"].tolist(), target["masks"]))
+            valid = target["valid"]  # reliable pixels: all but the highest-entropy one(s) at drop 100
+            assert valid.float().mean() > 0.99
+            assert torch.equal(by_class[int(labels_u[1 - b, 0, 0, 0])], pasted & valid)
+            assert torch.equal(by_class[int(labels_u[b, 0, 0, 0])], ~pasted & valid)
+
+
 def test_semi_loss_splits_reliable_and_unreliable_pixels(monkeypatch):
     torch.manual_seed(0)
     cfg = micro_config()

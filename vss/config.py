@@ -140,6 +140,7 @@ class SemiConfig:
     drop_percent: float = 80.0  # U2PL: reliable percentile at the start, -> 100
     entropy_alpha: float = 20.0  # U2PL alpha_0: % of low/high-entropy pixels for anchors/negatives
     ema_decay: float = 0.99  # teacher EMA
+    cutmix: bool = False  # U2PL's CutMix of the unlabelled clips (one box per clip, all frames)
     # Memory-bank keys per class (256 float32 = 1 KiB each, in host RAM on every rank and in every
     # checkpoint once filled): U2PL's 30000 is ~3.8 GB with VSPW's 124 classes.
     bank_size: int = 30000

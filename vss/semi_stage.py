@@ -42,8 +42,13 @@ labelled with one unlabelled batch of the same size):
   every optimiser step k (0-based) with ``d = ema_decay(k)``; run in train mode under no_grad on
   the student's batch (U2PL L361-375: its BatchNorm uses batch statistics, its dropout is on).
 
-Not used: U2PL's CutMix strong augmentation of the unlabelled batch (the PVUW paper lists only
-resize / crop / flip / colour jitter, which the clip pipeline applies to both streams).
+- CutMix (``cutmix=True``; U2PL's ``generate_unsup_data(mode="cutmix")``, ``vss.semi.generate_cutmix``):
+  before the forward, each unlabelled clip gets a box of about half its area pasted from the next
+  clip of the micro-batch, in its frames, pseudo labels and entropies alike; one box per clip, the
+  same in all its frames, so a clip stays a video. The EMA teacher sees the mixed frames too (U2PL's
+  teacher runs on the mixed batch for the contrastive loss). The PVUW paper lists only resize /
+  crop / flip / colour jitter (which the clip pipeline applies to both streams), so it is an option;
+  the CamVid semi table measures it. With one unlabelled clip per micro-batch it does nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from vss.config import DataConfig
 from vss.data import (apply_clip_transform, clip_targets, ClipTransform, collate_clips, per_frame_targets, sample_clip_indices, sample_clip_transform)
 from vss.io import check_label_range, IGNORE, list_frames, read_frame, read_label_png, read_split
 from vss.semi import (ContrastiveConfig, MemoryBank, RepresentationHead, compute_contra_memobank_loss,
-                      contrastive_inputs, drop_percent, ema_decay, ema_update, pseudo_label_targets,
+                      contrastive_inputs, drop_percent, ema_decay, ema_update, generate_cutmix, pseudo_label_targets,
                       unreliable_alpha)
 from vss.segmenter import semantic_inference
 
@@ -334,9 +339,10 @@ class SemiLoss(nn.Module):
     def __init__(self, criterion: nn.Module, student: SemiStudent, num_classes: int, *,
                  unsup_weight: float = 1.0, contrastive_weight: float = 0.1, drop_base: float = 80.0,
                  alpha_base: float = 20.0, ema_max_decay: float = 0.99, queue_size: int = 30000,
-                 contrastive: ContrastiveConfig | None = None, ignore_unreliable: bool = True):
+                 contrastive: ContrastiveConfig | None = None, ignore_unreliable: bool = True,
+                 cutmix: bool = False):
         super().__init__()
-        self.ignore_unreliable = ignore_unreliable
+        self.ignore_unreliable, self.cutmix = ignore_unreliable, cutmix
         self.criterion = criterion
         self.teacher = EMATeacher(student)
         self.num_classes = num_classes
@@ -374,8 +380,12 @@ class SemiLoss(nn.Module):
         labels_l = _pad_to(labelled["labels"].to(device), height, width, IGNORE)  # (B,T,H,W)
         labels_u = _pad_to(unlabelled["labels"].to(device), height, width, IGNORE)  # (Bu,T,H,W)
         entropy_u = _pad_to(unlabelled["entropy"].to(device), height, width, 0.0)  # (Bu,T,H,W)
-        images = torch.cat([_pad_to(frames_l, height, width, 0.0).flatten(0, 1),
-                            _pad_to(frames_u, height, width, 0.0).flatten(0, 1)])  # (N,3,H,W)
+        frames_u = _pad_to(frames_u, height, width, 0.0)  # (Bu,T,3,H,W)
+        if self.cutmix:  # one box per clip, pasted from the next clip into all its frames, labels, entropies
+            rng = np.random.RandomState(int(torch.randint(2**31, ())))  # seeded per micro-batch by train.py
+            mixed, labels_u, entropy_u = generate_cutmix(frames_u.flatten(1, 2), labels_u, entropy_u, rng)
+            frames_u = mixed.view_as(frames_u)
+        images = torch.cat([_pad_to(frames_l, height, width, 0.0).flatten(0, 1), frames_u.flatten(0, 1)])  # (N,3,H,W)
         n_l = labels_l.shape[0] * labels_l.shape[1]
 
         out = student(images)

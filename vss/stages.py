@@ -109,7 +109,7 @@ def _build_semi(cfg: Config, model_stage: str) -> tuple[nn.Module, nn.Module]:
     s = cfg.semi
     loss = SemiLoss(set_criterion(cfg), student, cfg.model.num_classes, unsup_weight=s.unsup_weight,
                     contrastive_weight=s.contrastive_weight, drop_base=s.drop_percent, alpha_base=s.entropy_alpha,
-                    ema_max_decay=s.ema_decay, queue_size=s.bank_size)
+                    ema_max_decay=s.ema_decay, queue_size=s.bank_size, cutmix=s.cutmix)
     return student, loss
 
 

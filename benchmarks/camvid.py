@@ -1,0 +1,311 @@
+"""CamVid results of both papers' parts on a converged base, one command per table.
+
+    python benchmarks/camvid.py base      --data ../shared/data/camvid_vspw --out runs/camvid
+    python benchmarks/camvid.py mvc       ...   # MVC paper Table 1 shape: segmenter/online/offline x MVC, 3 seeds
+    python benchmarks/camvid.py tta       ...   # Table 3 shape: vote / mean x view sets, on the final models
+    python benchmarks/camvid.py aggregate ...   # Table 4 shape: per-video choice by flow-SSIM vs each model
+    python benchmarks/camvid.py semi      ...   # PVUW 1st place: teacher + student pseudo labels, U2PL vs supervised
+    python benchmarks/camvid.py headline  ...   # the whole pipeline from scratch in 40 minutes of the machine
+
+Protocol (issue "CamVid results that can show the papers' gains"): every part starts from the same
+converged stage-1 segmenter (``base``: the ``tiny`` preset trained to a plateau of val mIoU), as the
+MVC paper fine-tunes converged DVIS++ models; runs that are compared take the same number of steps
+and the same schedule, whatever their cost per step (MVC runs the model twice per step); every run
+is seeded and listed with its steps and CPU-minutes. Each step is skipped when its output exists
+(``OUT/<run>/done``, ``OUT/pred/<name>.json``), so a command resumes after an interruption, and
+each table is written to ``OUT/<table>.json`` and printed as markdown. Training runs use one thread
+each (two side by side on the 2-core machine); the headline uses both cores for one pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TWO_THREADS = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+# Schedules (steps; LR drops at 0.7 and 0.9 of each). The base runs to a plateau; the rest are
+# fine-tunes of converged models.
+BASE = ["--preset", "tiny", "--iters", "6000", "--eval-every", "500"]
+FINETUNE = ["--iters", "400", "--lr", "5e-5"]  # stage 1 with / without MVC, from the base
+TRACKER = ["--stage", "tracker", "--iters", "300", "--frames", "5"]
+REFINER = ["--stage", "refiner", "--iters", "200", "--frames", "9"]
+SEEDS = (0, 1, 2)
+TTA_VIEWS = {  # name: infer.py arguments (MVC paper Table 3 rows; the U2PL set as an option)
+    "single": [],
+    "vote {1.0} flip": ["--tta", "--tta-merge", "vote", "--tta-scales", "1.0"],
+    "vote {1.0,1.1,1.2}": ["--tta", "--tta-merge", "vote", "--tta-scales", "1.0,1.1,1.2", "--no-tta-flip"],
+    "vote {1.0,1.1,1.2} flip": ["--tta", "--tta-merge", "vote", "--tta-scales", "1.0,1.1,1.2"],
+    "vote {0.9..1.2}": ["--tta", "--tta-merge", "vote", "--tta-scales", "mvc", "--no-tta-flip"],
+    "vote {0.9..1.2} flip": ["--tta", "--tta-merge", "vote", "--tta-scales", "mvc"],
+    "mean {1.0} flip": ["--tta", "--tta-merge", "mean", "--tta-scales", "1.0"],
+    "mean {1.0,1.1,1.2} flip": ["--tta", "--tta-merge", "mean", "--tta-scales", "1.0,1.1,1.2"],
+    "mean {0.9..1.2} flip": ["--tta", "--tta-merge", "mean", "--tta-scales", "mvc"],
+}
+U2PL_VIEWS = {"mean u2pl flip": ["--tta", "--tta-merge", "mean", "--tta-scales", "u2pl"]}
+
+
+class Bench:
+    """Runs train.py / infer.py / evaluate.py for one table, skipping what exists."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def train(self, name: str, *argv: str, env: dict = ONE_THREAD) -> Path:
+        """OUT/name/last.pt of ``train.py ARGV`` (run unless OUT/name/done exists)."""
+        out = self.out / name
+        if not (out / "done").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(REPO / "train.py"), "--data", str(self.args.data), "--out", str(out),
+                   "--workers", "0", "--resume", "auto", *argv]
+            if "--eval-every" not in argv:
+                cmd += ["--eval-every", "0"]
+            print("$", " ".join(cmd), flush=True)
+            with open(out / "stdout.txt", "a") as log:
+                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                    raise SystemExit(f"training failed, see {out / 'stdout.txt'}")
+            (out / "done").touch()
+        return out / "last.pt"
+
+    def parallel(self, jobs: list[tuple]) -> list[Path]:
+        """``train`` jobs (name, *argv), ``--jobs`` at a time."""
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            return list(pool.map(lambda job: self.train(*job), jobs))
+
+    def score(self, name: str, *infer_args: str, split: str = "val", env: dict = ONE_THREAD) -> dict:
+        """infer.py then evaluate.py on ``split``; mIoU, VC8, VC16, per class, frames/s (cached)."""
+        result_file = self.out / "pred" / f"{name}.json"
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+        pred = self.out / "pred" / name
+        t0 = time.time()
+        subprocess.run([sys.executable, str(REPO / "infer.py"), "--data", str(self.args.data), "--split", split,
+                        "--out", str(pred), "--overwrite", "--no-progress", *infer_args], check=True, env=env)
+        seconds = time.time() - t0
+        metrics = self.out / "pred" / f"{name}.metrics.json"
+        subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--pred", str(pred), "--gt", str(self.args.data),
+                        "--split", split, "--json", str(metrics), "--no-progress"], check=True,
+                       stdout=subprocess.DEVNULL, env=env)
+        m = json.loads(metrics.read_text())
+        frames = sum(v["frames"] for v in json.loads((pred / "report.json").read_text())["videos"].values())
+        result = {"mIoU": m["mIoU"], "VC8": m["VC8"], "VC16": m["VC16"], "fps": frames / seconds,
+                  "per_class_IoU": m["per_class_IoU"]}
+        result_file.write_text(json.dumps(result, indent=1))
+        return result
+
+
+def run_info(run: Path) -> dict:
+    """Steps and CPU-minutes of a finished run (from its log)."""
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    steps = max(x["step"] for x in lines if "loss" in x)
+    cpu = max((x.get("cpu_min", 0.0) for x in lines), default=0.0)
+    return {"steps": steps, "cpu_min": round(cpu, 1)}
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]], data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1))
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def base(b: Bench) -> Path:
+    """The converged stage-1 segmenter every table starts from (val curve printed)."""
+    ckpt = b.train("base", *BASE, "--save-every", "100")
+    curve = [(x["step"], x["val"]["mIoU"], x["val"]["VC8"])
+             for x in map(json.loads, (b.out / "base" / "log.jsonl").read_text().splitlines()) if "val" in x]
+    write_table(b.out / "base.json", ["step", "val mIoU", "VC8"],
+                [[str(s), f"{m:.3f}", f"{v:.3f}"] for s, m, v in curve], {"curve": curve, **run_info(b.out / "base")})
+    return ckpt
+
+
+def chains(b: Bench, base_ckpt: Path) -> dict:
+    """Stage-1 fine-tune, tracker and refiner with and without MVC, for every seed."""
+    runs = {}
+    for stage, recipe in (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER)):
+        jobs = []
+        for mvc in (False, True):
+            for seed in SEEDS:
+                name = f"mvc/{stage}_{'mvc' if mvc else 'plain'}_s{seed}"
+                init = base_ckpt if stage == "ft" else runs[("ft" if stage == "trk" else "trk", mvc, seed)]
+                flags = [*recipe, "--init", str(init), "--seed", str(seed)] + (["--mvc"] if mvc else [])
+                flags += ["--ctvis"] if stage == "ft" and b.args.ctvis else []
+                jobs.append((name, *flags))
+                runs[(stage, mvc, seed)] = b.out / name / "last.pt"
+        b.parallel(jobs)
+    return runs
+
+
+def mvc_table(b: Bench) -> dict:
+    runs = chains(b, base(b))
+    rows, data = [], {}
+    base_score = b.score("base", "--checkpoint", str(b.out / "base" / "last.pt"))
+    rows.append(["base (stage 1, converged)", "-", f"{base_score['mIoU']:.3f}", f"{base_score['VC8']:.3f}",
+                 f"{base_score['VC16']:.3f}", ""])
+    for stage, label in (("ft", "segmenter"), ("trk", "+ tracker (online)"), ("ref", "+ refiner (offline)")):
+        for mvc in (False, True):
+            scores = [b.score(f"{stage}_{'mvc' if mvc else 'plain'}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)]))
+                      for s in SEEDS]
+            info = [run_info(runs[(stage, mvc, s)].parent) for s in SEEDS]
+            data[f"{stage}_{'mvc' if mvc else 'plain'}"] = {"scores": scores, "runs": info}
+            rows.append([label, "yes" if mvc else "-", *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")),
+                         f"{info[0]['steps']} steps, {statistics.mean(i['cpu_min'] for i in info):.0f} CPU-min"])
+    write_table(b.out / "mvc.json", ["model", "MVC", "mIoU", "VC8", "VC16", "training"], rows, data)
+    return runs
+
+
+def tta_table(b: Bench) -> None:
+    runs = chains(b, base(b))
+    views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
+    rows, data = [], {}
+    for mvc in (True, False):
+        ckpt = str(runs[("ref", mvc, 0)])
+        for view, flags in views.items():
+            r = b.score(f"tta_{'mvc' if mvc else 'plain'}_{view.replace(' ', '_')}", "--checkpoint", ckpt, *flags)
+            data[f"{'mvc' if mvc else 'plain'} {view}"] = r
+            rows.append(["yes" if mvc else "-", view, f"{r['mIoU']:.3f}", f"{r['VC8']:.3f}", f"{r['VC16']:.3f}",
+                         f"{r['fps']:.2f}"])
+    write_table(b.out / "tta.json", ["MVC", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
+
+
+def aggregate_table(b: Bench) -> None:
+    runs = chains(b, base(b))
+    rows, data = [], {}
+    for seed in SEEDS:
+        pair = [str(runs[("ref", True, seed)]), str(runs[("ref", False, seed)])]
+        r = b.score(f"aggregate_s{seed}", "--aggregate", *pair)
+        choice = json.loads((b.out / "pred" / f"aggregate_s{seed}" / "report.json").read_text())["videos"]
+        picked_mvc = sum(pair[0] in v["aggregation"]["choice"] for v in choice.values())
+        data[f"s{seed}"] = {**r, "videos_mvc": picked_mvc, "videos": len(choice)}
+    for name, key in (("MVC offline alone", "ref_mvc"), ("plain offline alone", "ref_plain")):
+        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in SEEDS]
+        rows.append([name, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
+    agg = [data[f"s{s}"] for s in SEEDS]
+    rows.append(["per-video choice by flow-SSIM", *(spread([x[k] for x in agg]) for k in ("mIoU", "VC8", "VC16")),
+                 f"MVC model chosen for {sum(x['videos_mvc'] for x in agg)} of {sum(x['videos'] for x in agg)} videos"])
+    write_table(b.out / "aggregate.json", ["models", "mIoU", "VC8", "VC16", "note"], rows, data)
+
+
+def teacher_config(b: Bench) -> Path:
+    """The tiny preset with a ResNet-34 backbone (the paper's teacher is the bigger model)."""
+    sys.path.insert(0, str(REPO))
+    from vss.config import tiny
+    from vss.io import load_class_names
+
+    cfg = tiny()
+    cfg.name, cfg.model.backbone = "tiny_r34", "resnet34"
+    cfg.model.num_classes = len(load_class_names(b.args.data)[0])
+    path = b.out / "teacher_config.json"
+    if not path.exists():
+        path.write_text(cfg.to_json())
+    return path
+
+
+SEMI_FT = ["--iters", "300", "--lr", "5e-5"]  # semi and the supervised ablation: same steps and schedule
+PSEUDO_TTA = ["--tta", "--tta-merge", "mean", "--tta-scales", "mvc"]
+
+
+def semi_table(b: Bench) -> None:
+    """PVUW 2024 1st place on CamVid: pseudo labels of the val videos (used without their labels, as
+    the paper uses the test videos) from the TTA'd teacher + student ensemble with per-pixel entropy;
+    U2PL fine-tuning of the student vs the same steps of supervised fine-tuning."""
+    student = base(b)
+    teacher = b.train("teacher", "--config", str(teacher_config(b)), "--iters", "5000", "--eval-every", "500",
+                      "--save-every", "100")
+    rows, data = [], {}
+
+    def row(label: str, name: str, *flags: str) -> None:
+        r = data[name] = b.score(name, *flags)
+        rows.append([label, f"{r['mIoU']:.3f}", f"{r['VC8']:.3f}", f"{r['VC16']:.3f}", f"{r['fps']:.2f}"])
+
+    row("student (stage 1, ResNet-18)", "base", "--checkpoint", str(student))
+    row("student, TTA mean", "semi_student_tta", "--checkpoint", str(student), *PSEUDO_TTA)
+    row("teacher (ResNet-34)", "semi_teacher", "--checkpoint", str(teacher))
+    row("teacher + student, TTA mean (= the pseudo labels)", "semi_pseudo", "--ensemble", str(teacher), str(student),
+        *PSEUDO_TTA, "--save-probs")
+    pseudo = b.out / "pred" / "semi_pseudo"
+    semi, supervised = b.parallel([
+        ("semi/u2pl", "--stage", "semi", "--init", str(student), "--pseudo", str(pseudo), "--unlabeled-split", "val",
+         *SEMI_FT),
+        ("semi/supervised", "--init", str(student), *SEMI_FT)])
+    row(f"student + {SEMI_FT[1]} supervised steps (ablation)", "semi_supervised", "--checkpoint", str(supervised))
+    row(f"student + {SEMI_FT[1]} semi steps (U2PL)", "semi_u2pl", "--checkpoint", str(semi))
+    row("student + semi, TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
+    row("teacher + (student + semi), TTA mean", "semi_ensemble_tta", "--ensemble", str(teacher), str(semi),
+        *PSEUDO_TTA)
+    data["runs"] = {name: run_info(b.out / name) for name in ("base", "teacher", "semi/u2pl", "semi/supervised")}
+    write_table(b.out / "semi.json", ["model", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
+
+
+def headline(b: Bench) -> None:
+    """The whole pipeline from scratch within --minutes of wall clock on both cores: stage 1 (the
+    tiny preset, its schedule fitted to its share of the time), pseudo labels of the evaluation
+    videos by TTA (the 1st place's transductive use of the unlabelled test videos), U2PL semi-
+    supervised fine-tuning in the time left, final prediction with TTA; then evaluate.py."""
+    args, out = b.args, b.out / "headline"
+    start = time.time()
+    left = lambda: args.minutes * 60 - (time.time() - start)  # noqa: E731
+    cpu_per_s = 2.0 * 0.92  # both cores, ~8% lost to the single-threaded parts of a step (measured)
+    stage1 = b.train("headline/stage1", "--preset", "tiny", "--time-budget",
+                     f"{args.minutes * 60 * args.stage1_share * cpu_per_s / 60:.2f}", env=TWO_THREADS)
+    t0 = time.time()
+    pseudo = b.score("headline_pseudo", "--checkpoint", str(stage1), *PSEUDO_TTA, "--save-probs",
+                     split=args.eval_split, env=TWO_THREADS)
+    infer_s = time.time() - t0
+    semi_budget = max(1.0, (left() - infer_s - 30) * cpu_per_s / 60)  # keep the final prediction's time
+    semi = b.train("headline/semi", "--stage", "semi", "--init", str(stage1), "--pseudo",
+                   str(b.out / "pred" / "headline_pseudo"), "--unlabeled-split", args.eval_split, "--lr", "1e-4",
+                   "--time-budget", f"{semi_budget:.2f}", env=TWO_THREADS)
+    final = b.score("headline_final", "--checkpoint", str(semi), *PSEUDO_TTA, split=args.eval_split, env=TWO_THREADS)
+    wall = (time.time() - start) / 60
+    data = {"stage1": {**run_info(out / "stage1"), "score": pseudo}, "semi": {**run_info(out / "semi")},
+            "final": final, "wall_min": wall}
+    write_table(b.out / "headline.json", ["pipeline", "mIoU", "VC8", "VC16", "wall minutes"],
+                [["stage 1 + TTA (pseudo labels)", f"{pseudo['mIoU']:.3f}", f"{pseudo['VC8']:.3f}",
+                  f"{pseudo['VC16']:.3f}", ""],
+                 ["+ semi (U2PL) + TTA", f"{final['mIoU']:.3f}", f"{final['VC8']:.3f}", f"{final['VC16']:.3f}",
+                  f"{wall:.1f}"]], data)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=["base", "mvc", "tta", "aggregate", "semi", "headline"])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "camvid_vspw")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "camvid")
+    p.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each (default 2)")
+    p.add_argument("--ctvis", action=argparse.BooleanOptionalAction, default=True,
+                   help="CTVIS in the stage-1 fine-tunes, so the tracker starts from a trained reid head (default on)")
+    p.add_argument("--u2pl-scales", action="store_true", help="tta: add the PVUW 1st place's 8-scale view set")
+    p.add_argument("--minutes", type=float, default=40, help="headline: wall-clock minutes of the whole pipeline")
+    p.add_argument("--stage1-share", type=float, default=0.6, help="headline: share of the time for stage 1")
+    p.add_argument("--eval-split", default="val", help="headline: the split pseudo-labelled and evaluated")
+    args = p.parse_args()
+    b = Bench(args)
+    tables = {"base": base, "mvc": mvc_table, "tta": tta_table, "aggregate": aggregate_table, "semi": semi_table,
+              "headline": headline}
+    tables[args.table](b)
+
+
+if __name__ == "__main__":
+    main()

@@ -307,7 +307,7 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
     out_size = tuple(images.shape[1:3])
     num_classes = member.cfg.model.num_classes
     if opts.tta is None:
-        frames = normalize(resize_short_side(images, member.test_size), member.cfg.data)  # (T,3,h,w)
+        frames = normalize(resize_short_side(images, member.test_size, member.cfg.data.max_size), member.cfg.data)  # (T,3,h,w)
         out = predict_video(member.model, frames.to(opts.device), out_size, return_probs=need_probs,
                             autocast_dtype=opts.amp_dtype)
     else:
@@ -318,8 +318,8 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
         base = member.test_size or min(out_size)
 
         def view_frames(scale: float) -> torch.Tensor:  # (T,3,h,w) at scale x the test size
-            size = max(1, round(base * scale))
-            return normalize(resize_short_side(images, size), member.cfg.data).to(opts.device)
+            size = max(1, round(base * scale))  # the long-side cap scales with the view
+            return normalize(resize_short_side(images, size, member.cfg.data.max_size * scale), member.cfg.data).to(opts.device)
 
         def predict_fn(view: torch.Tensor) -> torch.Tensor:  # (T,3,h,w) -> (T,K,H0,W0)
             out = predict_video(member.model, view, out_size, return_probs=True,

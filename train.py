@@ -201,7 +201,7 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
     path = lambda p: None if p is None else str(p)  # noqa: E731
     _set(cfg.train, stage=args.stage, seed=args.seed, split=args.split, extra_ratio=args.extra_ratio,
          extra=tuple(args.extra) if args.extra else None)
-    _set(cfg.clip, frames=args.frames)
+    _set(cfg.stage, frames=args.frames)
     _set(cfg.optim, batch=args.batch, iters=args.iters, lr=args.lr)
     if args.time_budget is not None and args.time_budget != cfg.optim.time_budget:
         cfg.optim.time_budget, cfg.optim.iters = args.time_budget, 0  # fitted after the first steps
@@ -307,7 +307,7 @@ class Training:
         self.model.to(dist.device)
         self.criterion.to(dist.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps=cfg.stage.lr_steps)
         self.amp = args.amp or ("fp16" if dist.device.type == "cuda" else "off")
         self.autocast_ctx, self.scaler = make_autocast(dist.device, self.amp)
         self.start, self.best_miou = 0, None
@@ -379,7 +379,7 @@ def fit_schedule(tr: Training, step: int, probe: tuple[int, float], clock: Budge
     cfg = tr.cfg
     per_step = (clock.seconds() - probe[1]) / (step - probe[0])
     cfg.optim.iters = broadcast_object(fit_iters(step, clock.seconds(), per_step, cfg.optim.time_budget * 60))
-    schedule = {"iters": cfg.optim.iters, "milestones": lr_milestones(cfg.optim), "budget_cpu_min": cfg.optim.time_budget,
+    schedule = {"iters": cfg.optim.iters, "milestones": lr_milestones(cfg.optim, cfg.stage.lr_steps), "budget_cpu_min": cfg.optim.time_budget,
                 "cpu_s_per_step": per_step}
     log(tr.out, {"step": step, "schedule": schedule})
     if is_main():
@@ -408,7 +408,7 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad) / 1e6
     print0(f"stage {cfg.train.stage} ({video_core(tr.model).stage} model), {cfg.name}: {trainable:.2f}M trainable "
            f"params; {dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
-           f"{' (+ as many pseudo-labelled)' if cfg.train.stage == 'semi' else ''} x {cfg.clip.frames} frames; "
+           f"{' (+ as many pseudo-labelled)' if cfg.train.stage == 'semi' else ''} x {cfg.stage.frames} frames; "
            f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at {cfg.data.test_size}; "
            f"amp {tr.amp}; mvc {mvc_settings(cfg)}; {device}")
 

@@ -438,3 +438,55 @@ def test_read_write_video_file_and_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         vio.read_video(tmp_path / "empty")
+
+
+def test_clip_indices_reference_rule_of_dvis_plus():
+    """frame_range r: a reference frame and T-1 draws (with replacement) from the other frames within
+    +-r, sorted (dataset_mapper_vss.py when 2r+1 != T, as CTVIS stage 1 samples 4 frames within 8)."""
+    refs, spans = set(), set()
+    for s in range(400):
+        idx = D.sample_clip_indices(30, 4, np.random.default_rng(s), frame_range=8)
+        assert len(idx) == 4 and idx == sorted(idx) and 0 <= idx[0] and idx[-1] < 30
+        # some member (the reference) has every other member within 8 of it and distinct from it
+        ok = [i for i in idx if all(abs(j - i) <= 8 for j in idx) and idx.count(i) == 1]
+        assert ok, idx
+        refs.update(ok)
+        spans.add(idx[-1] - idx[0])
+    assert refs >= {0, 29} and max(spans) > 8  # references cover the video; draws on both sides
+    # one-frame video: the reference is repeated
+    assert D.sample_clip_indices(1, 4, np.random.default_rng(0), frame_range=8) == [0, 0, 0, 0]
+    # two frames: the other frame is always drawn
+    assert D.sample_clip_indices(2, 3, np.random.default_rng(1), frame_range=8) in ([0, 1, 1], [0, 0, 1])
+
+
+def test_rescaled_size_is_detectron2_resize_shortest_edge():
+    assert D.rescaled_size(360, 480, 800, 1333) == (800, 1067)  # 1066.67 rounds up
+    assert D.rescaled_size(480, 1920, 800, 1333) == (333, 1333)  # long side capped
+    assert D.rescaled_size(360, 480, 240) == (240, 320)
+    assert D.rescaled_size(2, 11, 3) == (3, 17)  # 16.5 -> 17 (int(x + 0.5)); round() would give 16
+
+
+def test_clip_transform_short_side_choice_and_crop_kinds():
+    cfg = DataConfig(short_sides=(480, 512, 800), max_size=1000, color_jitter=0.0, crop_size=(480, 640))
+    sizes, crops = set(), []
+    for s in range(200):
+        tf = D.sample_clip_transform(np.random.default_rng(s), (360, 480), cfg, crop="none")
+        assert tf.crop == (0, 0, *tf.size)  # the whole rescaled frame
+        sizes.add(tf.size)
+        tr = D.sample_clip_transform(np.random.default_rng(s), (360, 480), cfg, crop="range", crop_range=(600, 720))
+        assert tr.size == tf.size  # the same draws up to the crop
+        y0, x0, ch, cw = tr.crop
+        nh, nw = tr.size
+        assert min(nh, 600) <= ch <= min(nh, 720) and min(nw, 600) <= cw <= min(nw, 720)
+        assert 0 <= y0 <= nh - ch and 0 <= x0 <= nw - cw
+        crops.append((ch, cw))
+    # 800 short side -> 1067 long side, capped at 1000 -> (750, 1000)
+    assert sizes == {(480, 640), (512, 683), (750, 1000)}
+    assert all(cw >= 600 for ch, cw in crops if ch == 480)  # a 480-high frame keeps its height
+    assert len({c for c in crops if c[0] > 600}) > 10  # heights drawn in the range when the frame allows
+    x, y = D.apply_clip_transform(np.zeros((2, 360, 480, 3), np.uint8), np.zeros((2, 360, 480), np.int64),
+                                  D.sample_clip_transform(np.random.default_rng(3), (360, 480), cfg, crop="range"),
+                                  cfg)
+    assert x.shape[0] == 2 and x.shape[-2:] == y.shape[-2:] and min(x.shape[-2:]) >= 480
+    with pytest.raises(ValueError, match="crop must be"):
+        D.sample_clip_transform(np.random.default_rng(0), (360, 480), cfg, crop="centre")

@@ -405,8 +405,8 @@ def test_extra_flag_errors(setup, tmp_path, capsys):
 def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     data = ["--data", setup["data"]]
     cfg = printed_config(["--preset", "r50", "--stage", "refiner", *data])
-    assert (cfg.clip.frames, cfg.clip.reverse_prob, cfg.data.base_size, cfg.optim.iters) == (21, 0.5, 480, 20000)
-    frames = lambda argv: printed_config(argv).clip.frames  # noqa: E731
+    assert (cfg.stage.frames, cfg.stage.reverse_prob, cfg.data.base_size, cfg.optim.iters) == (21, 0.5, 480, 20000)
+    frames = lambda argv: printed_config(argv).stage.frames  # noqa: E731
     assert frames(["--preset", "r50", "--stage", "tracker", *data]) == 5
     assert frames(["--stage", "refiner", "--frames", 6, *data]) == 6
     assert frames(["--stage", "refiner", *data]) == tiny().stages.refiner.frames == 9
@@ -414,7 +414,7 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     # the embedded synthetic data (no --data): its own scale and a short schedule
     cfg = printed_config([])
     assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size) == (120, (128, 160), 120)
-    assert cfg.optim.iters == TRAIN_ITERS and cfg.clip.frames == 2 and cfg.model.num_classes == 6
+    assert cfg.optim.iters == TRAIN_ITERS and cfg.stage.frames == 2 and cfg.model.num_classes == 6
     cfg = printed_config(["--crop", 96, 96, "--test-size", 100, "--iters", 7])
     assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size, cfg.optim.iters) == (240, (96, 96), 100, 7)
     assert printed_config(["--base-size", 64, *data]).data.base_size == 64
@@ -428,7 +428,7 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     assert mvc_settings(printed_config(data)) is None
     # CTVIS in stage 1: on for r50 (4-frame clips), off for tiny unless asked
     r50 = printed_config(["--preset", "r50", *data])
-    assert r50.loss.ctvis and r50.clip.frames == 4 and not printed_config(data).loss.ctvis
+    assert r50.loss.ctvis and r50.stage.frames == 4 and not printed_config(data).loss.ctvis
     assert printed_config(["--ctvis", *data]).loss.ctvis and not printed_config(["--preset", "r50", "--no-ctvis",
                                                                                  *data]).loss.ctvis
     assert (cfg.train.seed, cfg.train.split) == (7, "val")
@@ -436,7 +436,7 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
     # without --config/--preset the --init checkpoint's config is the base
     cfg = printed_config(["--stage", "tracker", "--init", straight / "last.pt", *data])
-    assert cfg.model.hidden_dim == 32 and cfg.clip.frames == 5 and cfg.optim.iters == 4
+    assert cfg.model.hidden_dim == 32 and cfg.stage.frames == 5 and cfg.optim.iters == 4
     # ... but not what its run did: a stage 2 from an MVC run with seed 3 is neither MVC nor seed 3
     mvc_run = load_checkpoint(straight / "last.pt")
     mvc_run["config"]["mvc"]["enabled"], mvc_run["config"]["train"]["seed"] = True, 3
@@ -494,7 +494,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(
     data = render_dataset(tmp_path / "data", num_videos=4, frames=(4, 5), height=32, width=32, num_classes=2, seed=3)
     migrated = Config.from_dict(migrate_config(meta["config"], meta["stage"], meta["args"]))
     assert (migrated.mvc.enabled, migrated.mvc.patch_size, migrated.mvc.ratio) == (True, 8, 0.7)
-    assert (migrated.train.seed, migrated.clip.frames, migrated.semi.bank_size) == (3, 2, 4096)
+    assert (migrated.train.seed, migrated.stage.frames, migrated.semi.bank_size) == (3, 2, 4096)
     (tmp_path / "micro.json").write_text(json.dumps(meta["config"]))  # an old-format --config is migrated too
     argv = ["--config", tmp_path / "micro.json", "--data", data, "--out", tmp_path / "run", "--workers", 0,
             "--eval-every", 0, "--mvc", "--mvc-patch", 8, "--seed", 3]

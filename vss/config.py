@@ -76,14 +76,19 @@ class DataConfig:
     # Normalisation of RGB frames in 0..255 (ImageNet, as detectron2/DVIS++).
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    # Training: the short side is resized to base_size * s, s ~ U(min_scale, max_scale), then a
-    # crop of crop_size (padded with ignore where the frame is smaller), flip p=0.5.
+    # Training: the short side is resized to base_size * s, s ~ U(min_scale, max_scale), or to one
+    # of short_sides (uniform choice, detectron2's ResizeShortestEdge "choice") when given; the long
+    # side is then capped at max_size (0: no cap); then the stage's crop (StageConfig.crop; "fixed":
+    # crop_size), flip p=0.5.
     base_size: int = 480
     min_scale: float = 0.5
     max_scale: float = 2.0
+    short_sides: tuple[int, ...] = ()
+    max_size: int = 0
     crop_size: tuple[int, int] = (480, 640)  # (H, W)
     color_jitter: float = 0.2
-    # Inference: the short side is resized to test_size (0 = keep the original size).
+    # Inference: the short side is resized to test_size (0 = keep the original size), the long side
+    # capped at max_size.
     test_size: int = 480
     size_divisibility: int = 32
 
@@ -101,21 +106,31 @@ class OptimConfig:
 
 
 @dataclass
-class ClipConfig:
-    """The training clips of one stage (DVIS++ INPUT.SAMPLING_FRAME_NUM, INPUT.REVERSE_AGU)."""
+class StageConfig:
+    """What differs between the training stages (DVIS_Plus configs/dvis_Plus/VSPW/*.yaml and the
+    clip sampling of dvis_Plus/data_video/dataset_mapper_vss.py)."""
 
-    frames: int = 1  # T
-    reverse_prob: float = 0.0  # probability of reversing a clip in time
+    frames: int = 1  # T (INPUT.SAMPLING_FRAME_NUM)
+    reverse_prob: float = 0.0  # probability of reversing a clip in time (INPUT.REVERSE_AGU: 0.5)
+    # 0: T consecutive frames; r > 0: a reference frame and T-1 frames drawn with replacement within
+    # +-r of it, sorted (DVIS++'s rule when 2*SAMPLING_FRAME_RANGE+1 != SAMPLING_FRAME_NUM, e.g. CTVIS)
+    frame_range: int = 0
+    # "fixed": a DataConfig.crop_size window, padded with ignore where the frame is smaller (vss);
+    # "none": the whole rescaled frame (DVIS++ stages 1-2); "range": DVIS++'s absolute_range crop,
+    # height and width each uniform in [min(side, lo), min(side, hi)] of crop_range, never padded
+    crop: str = "fixed"
+    crop_range: tuple[int, int] = (600, 720)
+    lr_steps: tuple[float, ...] = ()  # the stage's LR drops (fractions of iters); () = OptimConfig.lr_steps
 
 
 @dataclass
 class StagesConfig:
-    """Clips per training stage; the run uses the one of ``TrainConfig.stage``."""
+    """The settings of every training stage; a run uses the one of ``TrainConfig.stage``."""
 
-    segmenter: ClipConfig = field(default_factory=lambda: ClipConfig(frames=1))  # MinVIS: images
-    tracker: ClipConfig = field(default_factory=lambda: ClipConfig(frames=5))  # DVIS++ online NUM 5
-    refiner: ClipConfig = field(default_factory=lambda: ClipConfig(frames=21, reverse_prob=0.5))  # offline
-    semi: ClipConfig = field(default_factory=lambda: ClipConfig(frames=1))
+    segmenter: StageConfig = field(default_factory=lambda: StageConfig(frames=1))  # MinVIS: images
+    tracker: StageConfig = field(default_factory=lambda: StageConfig(frames=5))  # DVIS++ online NUM 5
+    refiner: StageConfig = field(default_factory=lambda: StageConfig(frames=21, reverse_prob=0.5))  # offline
+    semi: StageConfig = field(default_factory=lambda: StageConfig(frames=1))
 
 
 @dataclass
@@ -170,8 +185,8 @@ class Config:
     semi: SemiConfig = field(default_factory=SemiConfig)
 
     @property
-    def clip(self) -> ClipConfig:
-        """The clips of the run's stage."""
+    def stage(self) -> StageConfig:
+        """The settings of the run's stage (``train.stage``)."""
         return getattr(self.stages, self.train.stage)
 
     def to_dict(self) -> dict:
@@ -238,9 +253,14 @@ def migrate_config(config: dict, stage: str | None = None, args: dict | None = N
     args = args or {}
     stage = stage or args.get("stage") or "segmenter"
     base = PRESETS[config["name"]]() if config.get("name") in PRESETS else Config()
-    stages = dataclasses.asdict(base.stages)
-    stages[stage]["frames"] = frames
-    config["stages"] = stages
+    # the clips of that version: the preset's frames in stages 1 and semi, 5 / 21 (tiny: 9) in the
+    # video stages, stage 3 reversed with p 0.5, every stage with the fixed crop and optim.lr_steps
+    image_frames = 2 if config.get("name") == "tiny" else 1
+    stages = {"segmenter": StageConfig(frames=image_frames), "tracker": StageConfig(frames=5),
+              "refiner": StageConfig(frames=9 if config.get("name") == "tiny" else 21, reverse_prob=0.5),
+              "semi": StageConfig(frames=image_frames)}
+    stages[stage].frames = frames
+    config["stages"] = {name: dataclasses.asdict(value) for name, value in stages.items()}
     config["train"] = {"stage": stage, "seed": args.get("seed", 0), "split": args.get("split", "train"),
                        "extra": list(args.get("extra") or []), "extra_ratio": args.get("extra_ratio")}
     config["mvc"] = {"enabled": bool(args.get("mvc")), "patch_size": args.get("mvc_patch"),
@@ -268,8 +288,8 @@ def tiny() -> Config:
         data=DataConfig(base_size=240, crop_size=(240, 320), test_size=240),
         optim=OptimConfig(lr=2e-4, iters=600, batch=2, clip_grad=1.0),
         # Stage 3's 21-frame clips cost ~4x a 5-frame one per step: scaled down for the CPU.
-        stages=StagesConfig(segmenter=ClipConfig(frames=2), tracker=ClipConfig(frames=5),
-                            refiner=ClipConfig(frames=9, reverse_prob=0.5), semi=ClipConfig(frames=2)),
+        stages=StagesConfig(segmenter=StageConfig(frames=2), tracker=StageConfig(frames=5),
+                            refiner=StageConfig(frames=9, reverse_prob=0.5), semi=StageConfig(frames=2)),
         # 4096 keys per class: ~24 MB with the synthetic data's 6 classes (30000 made 118 MB of a
         # 342 MB checkpoint there), about two steps of negatives of the default synthetic run.
         semi=SemiConfig(bank_size=4096),
@@ -277,17 +297,30 @@ def tiny() -> Config:
 
 
 def r50() -> Config:
-    """DVIS++ R50 VSPW config (CTVIS_R50 / DVIS_Plus_*_R50 yaml): the segmenter is trained with
-    CTVIS on 4-frame clips (CTVIS_R50.yaml SAMPLING_FRAME_NUM 4)."""
+    """DVIS++'s R50 VSPW configs, stage by stage (DVIS_Plus ``configs/dvis_Plus/VSPW/``:
+    CTVIS_R50 for the segmenter, DVIS_Plus_Online_R50 / DVIS_Plus_Offline_R50 for the tracker and
+    refiner; their data settings are those ``dvis_Plus/data_video/dataset_mapper_vss.py`` reads):
+    short side drawn from 480..800 in steps of 32, long side at most 1333, horizontal flip, no
+    colour jitter; no crop in stages 1-2 and an absolute_range crop of (600, 720) in stage 3; clips
+    of 4 frames within +-8 (CTVIS), 5 consecutive (online), 21 consecutive reversed with p 0.5
+    (offline); AdamW 1e-4, 20000 iterations, LR x0.1 at 14k and 18k (CTVIS) or 14k (online,
+    offline); test short side 720; FrozenBN ResNet-50, 100 queries. The segmenter trains with
+    CTVIS; ``--no-ctvis --frames 1`` gives MinVIS_R50_720p's stage 1 instead."""
     cfg = Config(name="r50")
+    cfg.data = DataConfig(short_sides=tuple(range(480, 801, 32)), max_size=1333, color_jitter=0.0, test_size=720)
     cfg.loss.ctvis = True
-    cfg.stages.segmenter.frames = 4
+    cfg.stages = StagesConfig(
+        segmenter=StageConfig(frames=4, frame_range=8, crop="none", lr_steps=(0.7, 0.9)),
+        tracker=StageConfig(frames=5, crop="none", lr_steps=(0.7,)),
+        refiner=StageConfig(frames=21, reverse_prob=0.5, crop="range", crop_range=(600, 720), lr_steps=(0.7,)),
+        semi=StageConfig(frames=1, crop="none"),
+    )
     return cfg
 
 
 def vitl() -> Config:
-    """DINOv2 ViT-L/14 (frozen) + multi-scale neck, 200 queries (DVIS++ vit_adapter configs),
-    segmenter trained with CTVIS (CTVIS_VitAdapterL.yaml)."""
+    """DVIS++'s ViT-L VSPW configs (``vit_adapter/*_VitAdapterL.yaml``, whose base is the R50 file of
+    the same name): as ``r50`` with a frozen DINOv2 ViT-L behind the ViT-Adapter and 200 queries."""
     cfg = r50()
     cfg.name = "vitl"
     cfg.model.backbone = "vit_large"

@@ -68,7 +68,7 @@ def normalize(frames: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tenso
 
 
 def sample_clip_indices(
-    length: int, num_frames: int, rng: np.random.Generator, pad_order: str = "sorted"
+    length: int, num_frames: int, rng: np.random.Generator, pad_order: str = "sorted", frame_range: int = 0
 ) -> list[int]:
     """Frame indices of one training clip (see the module docstring for the rule).
 
@@ -78,6 +78,10 @@ def sample_clip_indices(
         rng: the per-item generator.
         pad_order: for L < T, "sorted" (temporal order, repeats adjacent) or "append"
             (0..L-1 then the extra draws, as the released DVIS++ code).
+        frame_range: 0 for T consecutive frames; r > 0 for DVIS++'s reference rule (used when
+            2 * SAMPLING_FRAME_RANGE + 1 != SAMPLING_FRAME_NUM, e.g. its CTVIS stage 1): a reference
+            frame uniform over the video and T-1 frames drawn with replacement from the others
+            within +-r of it (the whole window when it has no other frame), sorted.
     Returns:
         T indices in 0..L-1.
     """
@@ -85,12 +89,27 @@ def sample_clip_indices(
         raise ValueError(f"need length >= 1 and num_frames >= 1, got {length}, {num_frames}")
     if pad_order not in ("sorted", "append"):
         raise ValueError(f"pad_order must be 'sorted' or 'append', got {pad_order!r}")
+    if frame_range > 0:
+        ref = int(rng.integers(0, length))
+        window = [i for i in range(max(0, ref - frame_range), min(length, ref + frame_range + 1)) if i != ref]
+        others = rng.choice(window or [ref], size=num_frames - 1, replace=True).tolist()
+        return sorted([ref] + [int(i) for i in others])
     if length >= num_frames:
         start = int(rng.integers(0, length - num_frames + 1))
         return list(range(start, start + num_frames))
     extra = rng.integers(0, length, size=num_frames - length).tolist()
     idx = list(range(length)) + [int(e) for e in extra]
     return sorted(idx) if pad_order == "sorted" else idx
+
+
+def rescaled_size(height: int, width: int, short: float, max_size: int = 0) -> tuple[int, int]:
+    """(h, w) with the short side at ``short`` and the long side at most ``max_size`` (0: no cap),
+    aspect kept (detectron2 ``ResizeShortestEdge.get_output_shape``)."""
+    scale = short / min(height, width)
+    if max_size and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    # int(x + 0.5) as detectron2 rounds (Python's round() goes to even at .5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 @dataclass(frozen=True)
@@ -106,30 +125,45 @@ class ClipTransform:
 
 
 def sample_clip_transform(
-    rng: np.random.Generator, image_size: tuple[int, int], cfg: DataConfig, augment: bool = True
+    rng: np.random.Generator, image_size: tuple[int, int], cfg: DataConfig, augment: bool = True,
+    crop: str = "fixed", crop_range: tuple[int, int] = (600, 720),
 ) -> ClipTransform:
     """Draw the per-clip transform.
 
     Args:
         rng: the per-item generator.
         image_size: (H, W) of the clip's frames.
-        cfg: base_size, min_scale, max_scale, crop_size, color_jitter.
+        cfg: base_size, min_scale, max_scale (or short_sides), max_size, crop_size, color_jitter.
         augment: False gives the identity (no rescale, crop, flip or jitter).
+        crop: "fixed" (a ``cfg.crop_size`` window, padded where the frame is smaller; none when
+            ``crop_size`` is empty), "none" (the whole rescaled frame) or "range" (DVIS++'s
+            absolute_range: height and width each uniform in [min(side, lo), min(side, hi)],
+            inside the frame).
+        crop_range: (lo, hi) of the "range" crop.
     Returns:
-        The transform; the output of ``apply_clip_transform`` is ``crop_size`` (or the rescaled
-        size when ``cfg.crop_size`` is empty/None).
+        The transform; ``apply_clip_transform`` gives frames of its crop size.
     """
     h, w = image_size
     if not augment:
         return ClipTransform(size=(h, w), crop=(0, 0, h, w))
-    scale = cfg.base_size * rng.uniform(cfg.min_scale, cfg.max_scale) / min(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if cfg.crop_size:
+    if cfg.short_sides:
+        short = float(cfg.short_sides[int(rng.integers(len(cfg.short_sides)))])
+    else:
+        short = cfg.base_size * rng.uniform(cfg.min_scale, cfg.max_scale)
+    nh, nw = rescaled_size(h, w, short, cfg.max_size)
+    if crop == "fixed" and cfg.crop_size:
         ch, cw = cfg.crop_size
         y0 = int(rng.integers(0, max(nh - ch, 0) + 1))
         x0 = int(rng.integers(0, max(nw - cw, 0) + 1))
-    else:
+    elif crop == "range":
+        lo, hi = crop_range
+        ch = int(rng.integers(min(nh, lo), min(nh, hi) + 1))
+        cw = int(rng.integers(min(nw, lo), min(nw, hi) + 1))
+        y0, x0 = int(rng.integers(0, nh - ch + 1)), int(rng.integers(0, nw - cw + 1))
+    elif crop in ("fixed", "none"):
         ch, cw, y0, x0 = nh, nw, 0, 0
+    else:
+        raise ValueError(f"crop must be 'fixed', 'none' or 'range', got {crop!r}")
     flip = bool(rng.random() < 0.5)
     j = cfg.color_jitter
     b, c, s = (float(rng.uniform(max(0.0, 1 - j), 1 + j)) for _ in range(3)) if j > 0 else (1.0, 1.0, 1.0)
@@ -293,6 +327,9 @@ class VSPWDataset(torch.utils.data.Dataset):
         cfg: DataConfig | None = None,
         augment: bool = True,
         reverse_prob: float = 0.0,
+        frame_range: int = 0,
+        crop: str = "fixed",
+        crop_range: tuple[int, int] = (600, 720),
         num_classes: int | None = None,
         length: int | None = None,
         pad_order: str = "sorted",
@@ -305,6 +342,8 @@ class VSPWDataset(torch.utils.data.Dataset):
             cfg: transform and normalisation settings (DataConfig() when None).
             augment: rescale/crop/flip/jitter (False: frames at their own size).
             reverse_prob: probability of reversing the clip in time (stage 3: 0.5).
+            frame_range: the clip sampling rule, see ``sample_clip_indices``.
+            crop, crop_range: the crop kind, see ``sample_clip_transform``.
             num_classes: K; default the length of ``load_class_names(root)``.
             length: epoch size; default the number of videos.
             pad_order: short-video padding order, see ``sample_clip_indices``.
@@ -317,6 +356,7 @@ class VSPWDataset(torch.utils.data.Dataset):
         self.cfg = cfg if cfg is not None else DataConfig()
         self.augment = augment
         self.reverse_prob = float(reverse_prob)
+        self.frame_range, self.crop, self.crop_range = int(frame_range), crop, tuple(crop_range)
         self.pad_order = pad_order
         self.num_classes = num_classes if num_classes is not None else len(load_class_names(self.root)[0])
         self.videos: list[tuple[str, list[Path], list[Path]]] = []
@@ -335,7 +375,7 @@ class VSPWDataset(torch.utils.data.Dataset):
     def load_clip(self, i: int, rng: np.random.Generator) -> dict:
         """The clip of item i drawn with ``rng`` (deterministic given the generator)."""
         name, frame_paths, mask_paths = self.videos[i % len(self.videos)]
-        idx = sample_clip_indices(len(frame_paths), self.num_frames, rng, self.pad_order)
+        idx = sample_clip_indices(len(frame_paths), self.num_frames, rng, self.pad_order, self.frame_range)
         if self.reverse_prob > 0 and rng.random() < self.reverse_prob:
             idx = idx[::-1]
         frames, labels = [], []
@@ -350,7 +390,7 @@ class VSPWDataset(torch.utils.data.Dataset):
         shapes = {f.shape for f in frames}
         if len(shapes) != 1:
             raise ValueError(f"frames of video {self.root / 'data' / name} differ in size: {sorted(shapes)}")
-        tf = sample_clip_transform(rng, frames[0].shape[:2], self.cfg, self.augment)
+        tf = sample_clip_transform(rng, frames[0].shape[:2], self.cfg, self.augment, self.crop, self.crop_range)
         x, y = apply_clip_transform(np.stack(frames), np.stack(labels), tf, self.cfg)
         return {
             "frames": x,  # (T,3,H,W)

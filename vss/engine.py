@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vss.config import DataConfig, OptimConfig
-from vss.data import normalize
+from vss.data import normalize, rescaled_size
 from vss.io import EvalVideo, atomic_path, json_safe, read_frame, read_label_png, shift_labels
 from vss.distributed import all_gather_object, all_reduce_sum, get_rank, get_world_size
 from vss.metrics import DatasetStats, VideoStats, summarize
@@ -97,12 +97,14 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
-def lr_milestones(optim_cfg: OptimConfig) -> list[int]:
-    """Iterations where the LR drops by 10x: round(f * iters) for f in lr_steps (none while
-    ``iters`` is 0, a schedule still to be fitted to a time budget)."""
-    if any(not 0.0 < f <= 1.0 for f in optim_cfg.lr_steps):
-        raise ValueError(f"lr_steps must be fractions in (0, 1], got {optim_cfg.lr_steps}")
-    return sorted(round(f * optim_cfg.iters) for f in optim_cfg.lr_steps) if optim_cfg.iters > 0 else []
+def lr_milestones(optim_cfg: OptimConfig, steps: tuple[float, ...] = ()) -> list[int]:
+    """Iterations where the LR drops by 10x: round(f * iters) for f in ``steps`` (a stage's own,
+    ``StageConfig.lr_steps``) or else ``optim_cfg.lr_steps``; none while ``iters`` is 0, a schedule
+    still to be fitted to a time budget."""
+    steps = steps or optim_cfg.lr_steps
+    if any(not 0.0 < f <= 1.0 for f in steps):
+        raise ValueError(f"lr_steps must be fractions in (0, 1], got {steps}")
+    return sorted(round(f * optim_cfg.iters) for f in steps) if optim_cfg.iters > 0 else []
 
 
 def fit_iters(step: int, cpu_s: float, cpu_per_step_s: float, budget_s: float) -> int:
@@ -119,9 +121,10 @@ def fit_iters(step: int, cpu_s: float, cpu_per_step_s: float, budget_s: float) -
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, gamma: float = 0.1
+    optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, gamma: float = 0.1, steps: tuple[float, ...] = ()
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Multi-step schedule: LR of iteration i = base LR * gamma ** #(milestones <= i).
+    """Multi-step schedule: LR of iteration i = base LR * gamma ** #(milestones <= i), the milestones
+    of ``lr_milestones(optim_cfg, steps)``.
 
     A LambdaLR over a closure: its state_dict is just the step counter and base LRs (plain
     numbers, loadable with weights_only); the milestones come from the config on resume, and
@@ -131,7 +134,7 @@ def build_scheduler(
     """
 
     def factor(step: int) -> float:
-        return gamma ** bisect.bisect_right(lr_milestones(optim_cfg), step)
+        return gamma ** bisect.bisect_right(lr_milestones(optim_cfg, steps), step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -269,13 +272,15 @@ def train_step(
     return {**means, "grad_norm": grad_norm, "skipped": skipped, "lr": lr}
 
 
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-    """(T,H,W,3) uint8 frames with the short side resized to `size` (bilinear); 0 keeps them."""
+def resize_short_side(frames: np.ndarray, size: int, max_size: float = 0) -> np.ndarray:
+    """(T,H,W,3) uint8 frames with the short side resized to `size` and the long side capped at
+    `max_size` (bilinear; ``vss.data.rescaled_size``); size 0 keeps them."""
     height, width = frames.shape[1:3]
-    if size <= 0 or min(height, width) == size:
+    if size <= 0:
         return frames
-    scale = size / min(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    new_h, new_w = rescaled_size(height, width, size, max_size)
+    if (new_h, new_w) == (height, width):
+        return frames
     return np.stack([cv2.resize(f, (new_w, new_h), interpolation=cv2.INTER_LINEAR) for f in frames])
 
 
@@ -292,7 +297,7 @@ def _video_stats(
                          "cannot evaluate")
     images = np.stack([read_frame(p) for p in video.frames])  # (T,H0,W0,3)
     out_size = images.shape[1:3]
-    frames = normalize(resize_short_side(images, data_cfg.test_size), data_cfg)  # (T,3,h,w)
+    frames = normalize(resize_short_side(images, data_cfg.test_size, data_cfg.max_size), data_cfg)  # (T,3,h,w)
     labels = predict_fn(frames.to(device), out_size)  # (T,H0,W0)
     if tuple(labels.shape) != (len(images), *out_size):
         raise ValueError(f"video {video.name}: predict_fn returned {tuple(labels.shape)}, expected "

@@ -141,17 +141,18 @@ class RankPositions(torch.utils.data.Sampler):
 
 def build_dataset(root: Path, cfg: Config) -> PositionedClips:
     """The positioned training items of the run's stage (videos, extra images, pseudo-labelled
-    clips), from ``cfg.train``, ``cfg.clip`` and ``cfg.semi``."""
-    clip = cfg.clip
-    dataset = VSPWDataset(root, cfg.train.split, num_frames=clip.frames, cfg=cfg.data,
-                          num_classes=cfg.model.num_classes, reverse_prob=clip.reverse_prob)
+    clips), from ``cfg.train``, ``cfg.stage`` and ``cfg.semi``."""
+    stage = cfg.stage
+    clips = {"frame_range": stage.frame_range, "crop": stage.crop, "crop_range": stage.crop_range}
+    dataset = VSPWDataset(root, cfg.train.split, num_frames=stage.frames, cfg=cfg.data, num_classes=cfg.model.num_classes,
+                          reverse_prob=stage.reverse_prob, **clips)
     extras = [open_extra(spec, cfg) for spec in cfg.train.extra]
     unlabelled = None
     if cfg.train.stage == "semi":
         if cfg.semi.pseudo is None:
             raise ValueError("the semi stage needs the pseudo-label folder (--pseudo DIR)")
         unlabelled = PseudoLabelClips(cfg.semi.unlabeled_data or root, cfg.semi.unlabeled_split, cfg.semi.pseudo,
-                                      num_frames=clip.frames, cfg=cfg.data, num_classes=cfg.model.num_classes)
+                                      num_frames=stage.frames, cfg=cfg.data, num_classes=cfg.model.num_classes, **clips)
     return PositionedClips(dataset, cfg.train.seed, extras=extras, extra_ratio=cfg.train.extra_ratio,
                            unlabelled=unlabelled)
 

@@ -133,7 +133,8 @@ class PseudoLabelClips(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, pseudo_dir: str | os.PathLike, *,
-                 num_frames: int, cfg: DataConfig, num_classes: int):
+                 num_frames: int, cfg: DataConfig, num_classes: int, frame_range: int = 0, crop: str = "fixed",
+                 crop_range: tuple[int, int] = (600, 720)):
         """
         Args:
             root: VSPW-layout root holding the unlabelled videos.
@@ -142,7 +143,9 @@ class PseudoLabelClips(torch.utils.data.Dataset):
             num_frames: clip length T.
             cfg: transform and normalisation settings.
             num_classes: K (pseudo label ids must be < K or 255).
+            frame_range, crop, crop_range: clip sampling and crop as ``vss.data.VSPWDataset``.
         """
+        self.frame_range, self.crop, self.crop_range = int(frame_range), crop, tuple(crop_range)
         self.root, self.pseudo_dir = Path(root), Path(pseudo_dir)
         self.num_frames, self.cfg, self.num_classes = int(num_frames), cfg, int(num_classes)
         if not self.pseudo_dir.is_dir():
@@ -171,7 +174,7 @@ class PseudoLabelClips(torch.utils.data.Dataset):
     def load_clip(self, i: int, rng: np.random.Generator) -> dict:
         """The clip of video ``i % len`` drawn with ``rng`` (deterministic given the generator)."""
         name, frame_paths, label_paths, entropy_paths = self.videos[i % len(self.videos)]
-        idx = sample_clip_indices(len(frame_paths), self.num_frames, rng)
+        idx = sample_clip_indices(len(frame_paths), self.num_frames, rng, frame_range=self.frame_range)
         frames, labels, entropy = [], [], []
         for k in idx:
             img = read_frame(frame_paths[k])
@@ -184,7 +187,7 @@ class PseudoLabelClips(torch.utils.data.Dataset):
             entropy.append(read_entropy(entropy_paths[k], img.shape[:2]))
         if len({f.shape for f in frames}) != 1:
             raise ValueError(f"frames of video {self.root / 'data' / name} differ in size")
-        tf = sample_clip_transform(rng, frames[0].shape[:2], self.cfg)
+        tf = sample_clip_transform(rng, frames[0].shape[:2], self.cfg, crop=self.crop, crop_range=self.crop_range)
         x, y = apply_clip_transform(np.stack(frames), np.stack(labels), tf, self.cfg)
         return {
             "frames": x,  # (T,3,H,W)

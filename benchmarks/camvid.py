@@ -36,10 +36,9 @@ TWO_THREADS = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 # Schedules (steps; LR drops at 0.7 and 0.9 of each). The base runs to a plateau; the rest are
 # fine-tunes of converged models.
 BASE = ["--preset", "tiny", "--iters", "6000", "--eval-every", "500"]
-FINETUNE = ["--iters", "400", "--lr", "5e-5"]  # stage 1 with / without MVC, from the base
-TRACKER = ["--stage", "tracker", "--iters", "300", "--frames", "5"]
-REFINER = ["--stage", "refiner", "--iters", "200", "--frames", "9"]
-SEEDS = (0, 1, 2)
+FINETUNE = ["--iters", "150", "--lr", "5e-5"]  # stage 1 with / without MVC, from the base
+TRACKER = ["--stage", "tracker", "--iters", "80", "--frames", "5"]
+REFINER = ["--stage", "refiner", "--iters", "50", "--frames", "9"]
 TTA_VIEWS = {  # name: infer.py arguments (MVC paper Table 3 rows; the U2PL set as an option)
     "single": [],
     "vote {1.0} flip": ["--tta", "--tta-merge", "vote", "--tta-scales", "1.0"],
@@ -59,6 +58,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
+        self.seeds = tuple(range(args.seeds))
         self.out.mkdir(parents=True, exist_ok=True)
 
     def train(self, name: str, *argv: str, env: dict = ONE_THREAD) -> Path:
@@ -131,12 +131,14 @@ def write_table(path: Path, header: list[str], rows: list[list[str]], data: dict
 
 
 def base(b: Bench) -> Path:
-    """The converged stage-1 segmenter every table starts from (val curve printed)."""
-    ckpt = b.train("base", *BASE, "--save-every", "100")
+    """The converged stage-1 segmenter every table starts from (val curve printed); ``--base CKPT``
+    takes an existing one (its run folder's log gives the curve)."""
+    ckpt = b.args.base or b.train("base", *BASE, "--save-every", "100")
+    run = ckpt.parent
     curve = [(x["step"], x["val"]["mIoU"], x["val"]["VC8"])
-             for x in map(json.loads, (b.out / "base" / "log.jsonl").read_text().splitlines()) if "val" in x]
+             for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val" in x]
     write_table(b.out / "base.json", ["step", "val mIoU", "VC8"],
-                [[str(s), f"{m:.3f}", f"{v:.3f}"] for s, m, v in curve], {"curve": curve, **run_info(b.out / "base")})
+                [[str(s), f"{m:.3f}", f"{v:.3f}"] for s, m, v in curve], {"curve": curve, **run_info(run)})
     return ckpt
 
 
@@ -146,7 +148,7 @@ def chains(b: Bench, base_ckpt: Path) -> dict:
     for stage, recipe in (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER)):
         jobs = []
         for mvc in (False, True):
-            for seed in SEEDS:
+            for seed in b.seeds:
                 name = f"mvc/{stage}_{'mvc' if mvc else 'plain'}_s{seed}"
                 init = base_ckpt if stage == "ft" else runs[("ft" if stage == "trk" else "trk", mvc, seed)]
                 flags = [*recipe, "--init", str(init), "--seed", str(seed)] + (["--mvc"] if mvc else [])
@@ -160,14 +162,14 @@ def chains(b: Bench, base_ckpt: Path) -> dict:
 def mvc_table(b: Bench) -> dict:
     runs = chains(b, base(b))
     rows, data = [], {}
-    base_score = b.score("base", "--checkpoint", str(b.out / "base" / "last.pt"))
+    base_score = b.score("base", "--checkpoint", str(base(b)))
     rows.append(["base (stage 1, converged)", "-", f"{base_score['mIoU']:.3f}", f"{base_score['VC8']:.3f}",
                  f"{base_score['VC16']:.3f}", ""])
     for stage, label in (("ft", "segmenter"), ("trk", "+ tracker (online)"), ("ref", "+ refiner (offline)")):
         for mvc in (False, True):
             scores = [b.score(f"{stage}_{'mvc' if mvc else 'plain'}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)]))
-                      for s in SEEDS]
-            info = [run_info(runs[(stage, mvc, s)].parent) for s in SEEDS]
+                      for s in b.seeds]
+            info = [run_info(runs[(stage, mvc, s)].parent) for s in b.seeds]
             data[f"{stage}_{'mvc' if mvc else 'plain'}"] = {"scores": scores, "runs": info}
             rows.append([label, "yes" if mvc else "-", *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")),
                          f"{info[0]['steps']} steps, {statistics.mean(i['cpu_min'] for i in info):.0f} CPU-min"])
@@ -179,7 +181,7 @@ def tta_table(b: Bench) -> None:
     runs = chains(b, base(b))
     views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
     rows, data = [], {}
-    for mvc in (True, False):
+    for mvc in (True, False)[:2 if b.args.tta_both else 1]:
         ckpt = str(runs[("ref", mvc, 0)])
         for view, flags in views.items():
             r = b.score(f"tta_{'mvc' if mvc else 'plain'}_{view.replace(' ', '_')}", "--checkpoint", ckpt, *flags)
@@ -192,16 +194,16 @@ def tta_table(b: Bench) -> None:
 def aggregate_table(b: Bench) -> None:
     runs = chains(b, base(b))
     rows, data = [], {}
-    for seed in SEEDS:
+    for seed in b.seeds:
         pair = [str(runs[("ref", True, seed)]), str(runs[("ref", False, seed)])]
         r = b.score(f"aggregate_s{seed}", "--aggregate", *pair)
         choice = json.loads((b.out / "pred" / f"aggregate_s{seed}" / "report.json").read_text())["videos"]
         picked_mvc = sum(pair[0] in v["aggregation"]["choice"] for v in choice.values())
         data[f"s{seed}"] = {**r, "videos_mvc": picked_mvc, "videos": len(choice)}
     for name, key in (("MVC offline alone", "ref_mvc"), ("plain offline alone", "ref_plain")):
-        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in SEEDS]
+        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in b.seeds]
         rows.append([name, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
-    agg = [data[f"s{s}"] for s in SEEDS]
+    agg = [data[f"s{s}"] for s in b.seeds]
     rows.append(["per-video choice by flow-SSIM", *(spread([x[k] for x in agg]) for k in ("mIoU", "VC8", "VC16")),
                  f"MVC model chosen for {sum(x['videos_mvc'] for x in agg)} of {sum(x['videos'] for x in agg)} videos"])
     write_table(b.out / "aggregate.json", ["models", "mIoU", "VC8", "VC16", "note"], rows, data)
@@ -231,8 +233,8 @@ def semi_table(b: Bench) -> None:
     the paper uses the test videos) from the TTA'd teacher + student ensemble with per-pixel entropy;
     U2PL fine-tuning of the student vs the same steps of supervised fine-tuning."""
     student = base(b)
-    teacher = b.train("teacher", "--config", str(teacher_config(b)), "--iters", "5000", "--eval-every", "500",
-                      "--save-every", "100")
+    teacher = b.args.teacher or b.train("teacher", "--config", str(teacher_config(b)), "--iters", "5000",
+                                        "--eval-every", "500", "--save-every", "100")
     rows, data = [], {}
 
     def row(label: str, name: str, *flags: str) -> None:
@@ -254,7 +256,8 @@ def semi_table(b: Bench) -> None:
     row("student + semi, TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
     row("teacher + (student + semi), TTA mean", "semi_ensemble_tta", "--ensemble", str(teacher), str(semi),
         *PSEUDO_TTA)
-    data["runs"] = {name: run_info(b.out / name) for name in ("base", "teacher", "semi/u2pl", "semi/supervised")}
+    data["runs"] = {"base": run_info(student.parent), "teacher": run_info(teacher.parent),
+                    **{name: run_info(b.out / name) for name in ("semi/u2pl", "semi/supervised")}}
     write_table(b.out / "semi.json", ["model", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
 
 
@@ -293,6 +296,10 @@ def main() -> None:
     p.add_argument("table", choices=["base", "mvc", "tta", "aggregate", "semi", "headline"])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "camvid_vspw")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "camvid")
+    p.add_argument("--base", type=Path, help="an existing stage-1 checkpoint as the base (default: train one)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per ablation row (default 3)")
+    p.add_argument("--teacher", type=Path, help="semi: an existing teacher checkpoint (default: train one)")
+    p.add_argument("--tta-both", action="store_true", help="tta: the non-MVC final model too")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each (default 2)")
     p.add_argument("--ctvis", action=argparse.BooleanOptionalAction, default=True,
                    help="CTVIS in the stage-1 fine-tunes, so the tracker starts from a trained reid head (default on)")

@@ -276,12 +276,16 @@ def test_build_backbone_from_config():
     r50 = ModelConfig(backbone="resnet50", resnet_width=8)
     assert any(isinstance(m, FrozenBatchNorm2d) for m in build_backbone(r50).modules())
     cfg = vitl().model
+    cfg.vit_neck = "simple"
     with torch.device("meta"):
         vit = build_backbone(cfg)
     assert isinstance(vit, ViTBackbone) and vit.out_channels == {k: cfg.conv_dim for k in LEVELS}
     assert not any(p.requires_grad for p in vit.vit.parameters())
-    cfg.vit_neck = "adapter"
-    with pytest.raises(ValueError, match="ViT-Adapter"):
+    cfg.vit_neck, cfg.vit_patch_size = "adapter", 14
+    with pytest.raises(ValueError, match="vit_patch_size=16"):
+        build_backbone(cfg)
+    cfg.vit_neck = "fpn"
+    with pytest.raises(ValueError, match="vit_neck must be"):
         build_backbone(cfg)
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone(ModelConfig(backbone="resnet51"))

@@ -16,25 +16,31 @@ Parts:
   (``vision_transformer.py``, ``layers/*``), so the released ``dinov2_vit{s,b,l,g}14*.pth`` load
   with ``strict=True``; position-embedding interpolation exactly as DINOv2 (bicubic through
   ``scale_factor = (grid + interpolate_offset) / M``, M = 37, see ``interpolate_pos_encoding``).
-- ``SimpleFeaturePyramid`` + ``ViTBackbone``: a frozen ViT turned into res2..res5.
+- ``SimpleFeaturePyramid`` + ``ViTBackbone``: a frozen ViT turned into res2..res5 by a ViTDet
+  pyramid; ``vss.vit_adapter.ViTAdapter``: the same by DVIS++'s ViT-Adapter (``vit_neck``).
 
 Readings and gaps:
-- **The ViT-Adapter is a named gap.** DVIS++ puts a ViT-Adapter (spatial prior module + 4 stages
-  of deformable-attention extractors, no injectors) on the frozen ViT-L. Here the multi-scale
-  maps come from a ViTDet "simple feature pyramid" (Li et al., ECCV 2022, §3; layers as in
+- **Two necks.** ``vit_neck="adapter"`` is DVIS++'s ViT-Adapter (``vss/vit_adapter.py``: spatial
+  prior module + 4 groups of deformable-attention extractors, no injectors), key for key with
+  DVIS++'s ``D2VitAdapterDinoV2``; the ``vitl`` preset uses it. ``vit_neck="simple"`` is a
+  lighter alternative: a ViTDet "simple feature pyramid" (Li et al., ECCV 2022, §3; layers as in
   detectron2's ``SimpleFeaturePyramid``: deconvs for strides 4 and 8, identity for 16, max-pool
-  for 32, then 1x1 + 3x3 convs with LayerNorm).
-  Each level reads a different block (default: the last block of each quarter of the ViT, i.e.
-  blocks 5/11/17/23 of ViT-L, where the adapter's four interaction stages end), shallow blocks
-  for fine strides as in DPT (Ranftl et al., ICCV 2021); set all four to the last block for
-  ViTDet's single-input form. It is a backbone change, not a method change, but it will not
-  reproduce the ViT-L numbers.
-- **Stride 16 from a patch-14 ViT.** DVIS++ bilinearly resizes the patch-embed kernel to 16x16.
-  Here the ViT keeps DINOv2's weights and numerics, and the *image* is resized by 14/16 instead,
-  so one token covers 16x16 input pixels and the token grid is the stride-16 map (same token
-  count as DVIS++'s patch-16 model). Before that, the image is zero-padded (0 = the mean after
-  normalisation) to a multiple of 32, and the maps are cropped back to ceil(H/s) x ceil(W/s),
-  the sizes a ResNet gives, so both backbones are interchangeable for any H, W.
+  for 32, then 1x1 + 3x3 convs with LayerNorm). Each level reads a different block (default: the
+  last block of each quarter of the ViT, i.e. blocks 5/11/17/23 of ViT-L, where the adapter's
+  four interaction stages end), shallow blocks for fine strides as in DPT (Ranftl et al., ICCV
+  2021); set all four to the last block for ViTDet's single-input form. It is not DVIS++'s
+  backbone and will not reproduce the ViT-L numbers.
+- **Stride 16 from DINOv2's 14x14 patches, DVIS++'s way** (``vit_patch_size=16``, the ``vitl``
+  preset): the ViT is built with 16x16 patches and ``img_size`` 592 (37 x 37 = DINOv2's position
+  grid, so ``pos_embed`` loads unchanged), and ``load_backbone_weights`` resizes the released
+  14x14 kernel to 16x16 bilinearly with ``align_corners=True`` (``resize_patch_kernel``; DVIS++
+  ``backbones_vitAdapter/backbones.py::load_pretrained_weights``). Positions are interpolated as
+  DINOv2 (and DVIS++'s copy of it) does: bicubic, scale factor (H/16 + 0.1) / 37, no antialias.
+  With ``vit_patch_size=14`` (the simple neck only) the ViT keeps DINOv2's kernel and the *image*
+  is resized by 14/16 instead, so one token still covers 16x16 input pixels. In both cases the
+  image is first zero-padded (0 = the mean after normalisation) to a multiple of 32, and the maps
+  are cropped back to ceil(H/s) x ceil(W/s), the sizes a ResNet gives, so every backbone is
+  interchangeable for any H, W.
 - DINOv2's own ``PatchEmbed`` rejects sizes that are not multiples of the patch (it asserts);
   ``DinoVisionTransformer.forward_features`` raises ``ValueError`` likewise. Only the neck pads.
 - ``fc`` (the ImageNet classifier) is not part of ``ResNet``: an unused 2M-parameter head would
@@ -43,6 +49,9 @@ Readings and gaps:
 - ``mask_token`` (iBOT masked-image training) is kept so DINOv2 files load strictly, but it is
   never used by segmentation, so ``ViTBackbone`` sets ``requires_grad=False`` on it.
 - Stochastic depth (``drop_path``) is not implemented: DVIS++ keeps the ViT frozen.
+- ``ResNet`` also takes detectron2's separate stem / first-stage output widths
+  (``STEM_OUT_CHANNELS``, ``RES2_OUT_CHANNELS``), used only by narrow test models; the released
+  detectron2 ResNets have the torchvision layout, and ``vss.convert_dvis`` renames their keys.
 - Inputs are normalised with ImageNet mean/std in 0..255 space (``DataConfig``); torchvision and
   DINOv2 were trained with the same statistics in 0..1 space, which is the same normalised input.
 """
@@ -124,20 +133,23 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 -> 1x1 (x4) convs (ResNet-50/101); stride in the 3x3 conv (torchvision
-    "ResNet v1.5", detectron2 ``STRIDE_IN_1X1: False``)."""
+    "ResNet v1.5", detectron2 ``STRIDE_IN_1X1: False``). ``outplanes`` defaults to 4 x planes;
+    detectron2 sets it apart (``RES2_OUT_CHANNELS`` vs ``WIDTH_PER_GROUP``)."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, frozen_bn: bool):
+    def __init__(self, inplanes: int, planes: int, stride: int, frozen_bn: bool,
+                 outplanes: int | None = None):
         super().__init__()
+        outplanes = outplanes or planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = _norm(planes, frozen_bn)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
         self.bn2 = _norm(planes, frozen_bn)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = _norm(planes * 4, frozen_bn)
+        self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
+        self.bn3 = _norm(outplanes, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(inplanes, planes * 4, stride, frozen_bn)
+        self.downsample = _downsample(inplanes, outplanes, stride, frozen_bn)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -169,27 +181,38 @@ class ResNet(nn.Module):
 
     Args:
         depth: one of ``RESNET_SPECS`` ("resnet18", "resnet34", "resnet50", "resnet101").
-        width: stem / first-stage width; 64 is torchvision (smaller only for tests).
+        width: first-stage (bottleneck) width, doubled per stage; 64 is torchvision (smaller
+            only for tests).
         frozen_bn: ``FrozenBatchNorm2d`` instead of ``nn.BatchNorm2d`` (DVIS++ R50 default).
+        stem_channels: stem width (detectron2 ``STEM_OUT_CHANNELS``); 0 = ``width``.
+        res2_channels: output channels of the first stage, doubled per stage (detectron2
+            ``RES2_OUT_CHANNELS``; bottleneck ResNets only); 0 = ``width * expansion``. The
+            torchvision layout is the default; narrow detectron2 test models set these apart.
     """
 
-    def __init__(self, depth: str = "resnet50", *, width: int = 64, frozen_bn: bool = False):
+    def __init__(self, depth: str = "resnet50", *, width: int = 64, frozen_bn: bool = False,
+                 stem_channels: int = 0, res2_channels: int = 0):
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ValueError(f"unknown ResNet {depth!r}; choose from {sorted(RESNET_SPECS)}")
         block, counts = RESNET_SPECS[depth]
+        if block is BasicBlock and res2_channels not in (0, width):
+            raise ValueError(f"{depth} has no bottleneck: res2_channels must equal width ({width})")
+        stem_channels = stem_channels or width
+        res2_channels = res2_channels or width * block.expansion
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = _norm(width, frozen_bn)
+        self.conv1 = nn.Conv2d(3, stem_channels, 7, 2, 3, bias=False)
+        self.bn1 = _norm(stem_channels, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes, self.out_channels = width, {}
+        inplanes, self.out_channels = stem_channels, {}
         for i, (name, count) in enumerate(zip(LEVELS, counts)):
-            planes, stride = width * 2**i, 1 if i == 0 else 2
+            planes, outplanes, stride = width * 2**i, res2_channels * 2**i, 1 if i == 0 else 2
             blocks = []
             for j in range(count):
-                blocks.append(block(inplanes, planes, stride if j == 0 else 1, frozen_bn))
-                inplanes = planes * block.expansion
+                extra = {"outplanes": outplanes} if block is Bottleneck else {}
+                blocks.append(block(inplanes, planes, stride if j == 0 else 1, frozen_bn, **extra))
+                inplanes = outplanes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels[name] = inplanes
         self._init_weights()
@@ -207,7 +230,7 @@ class ResNet(nn.Module):
         Returns:
             dict ``res2..res5``: (N,C_s,ceil(H/s),ceil(W/s)) for s = 4, 8, 16, 32.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N,width,H/4,W/4)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N,stem,H/4,W/4)
         out = {}
         for i, name in enumerate(LEVELS):
             x = getattr(self, f"layer{i + 1}")(x)  # (N,C_s,H/s,W/s)
@@ -484,7 +507,7 @@ def build_vit(
 
 
 # --------------------------------------------------------------------------------------------
-# Multi-scale neck (the ViT-Adapter is a named gap; see the module docstring)
+# Simple multi-scale neck (ViTDet pyramid; the ViT-Adapter neck is vss/vit_adapter.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -630,19 +653,39 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         4/8/16/32, with ``out_channels: dict[str, int]``.
     """
     if cfg.backbone in RESNET_SPECS:
-        return ResNet(cfg.backbone, width=cfg.resnet_width, frozen_bn=cfg.frozen_bn)
+        return ResNet(cfg.backbone, width=cfg.resnet_width, frozen_bn=cfg.frozen_bn,
+                      stem_channels=cfg.resnet_stem_channels, res2_channels=cfg.resnet_res2_channels)
     if cfg.backbone in VIT_SPECS:
-        if cfg.vit_neck != "simple":
-            raise ValueError(
-                f"vit_neck={cfg.vit_neck!r} is not implemented (the ViT-Adapter is a known gap); "
-                "use 'simple'"
-            )
+        if cfg.vit_neck not in ("simple", "adapter"):
+            raise ValueError(f"vit_neck must be 'simple' or 'adapter', got {cfg.vit_neck!r}")
         vit = build_vit(
             cfg.backbone, patch_size=cfg.vit_patch_size, num_register_tokens=cfg.vit_num_registers
         )
+        if cfg.vit_neck == "adapter":
+            from vss.vit_adapter import ViTAdapter  # its own paper component; imported late on purpose
+
+            if cfg.vit_patch_size != 16:
+                raise ValueError(f"vit_neck='adapter' needs vit_patch_size=16 (DVIS++), got {cfg.vit_patch_size}")
+            return ViTAdapter(vit, freeze_vit=cfg.freeze_vit)
         return ViTBackbone(vit, out_dim=cfg.conv_dim, freeze_vit=cfg.freeze_vit)
     names = sorted(RESNET_SPECS) + sorted(VIT_SPECS)
     raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {names}")
+
+
+def resize_patch_kernel(weight: Tensor, patch_size: int) -> Tensor:
+    """DVIS++'s patch-kernel resize (``backbones_vitAdapter/backbones.py::load_pretrained_weights``):
+    the (D,3,p,p) patch-embedding kernel bilinearly resized to (D,3,patch_size,patch_size) with
+    ``align_corners=True`` (corner taps kept; no rescaling of the values, so a patch of 16x16
+    pixels sums about (16/14)^2 more than DINOv2's 14x14 patch did, as in DVIS++).
+
+    Args:
+        weight: (D,3,p,p) kernel, e.g. DINOv2's (1024,3,14,14).
+        patch_size: target p' (16).
+    Returns:
+        (D,3,p',p') in the input's dtype.
+    """
+    out = F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bilinear", align_corners=True)
+    return out.to(weight.dtype)
 
 
 def _list(keys: list[str], limit: int = 8) -> str:
@@ -655,11 +698,12 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
     A ResNet file's ImageNet classifier (``fc.weight``, ``fc.bias``) is dropped; every other key
     must match in name and shape (a missing ``num_batches_tracked`` is filled with 0, as
-    ``nn.BatchNorm2d`` does). For a ``ViTBackbone`` the file is loaded into ``backbone.vit``
-    (the neck starts from its init).
+    ``nn.BatchNorm2d`` does). For a ``ViTBackbone`` or ``ViTAdapter`` the file is loaded into
+    ``backbone.vit`` (the neck starts from its init); a 14x14 DINOv2 patch kernel going into a
+    ViT built with 16x16 patches is resized as DVIS++ does (``resize_patch_kernel``).
 
     Args:
-        backbone: a ``ResNet``, ``ViTBackbone`` or ``DinoVisionTransformer``.
+        backbone: a ``ResNet``, ``ViTBackbone``, ``ViTAdapter`` or ``DinoVisionTransformer``.
         path: the state-dict file (``torch.load(weights_only=True)``).
 
     Raises:
@@ -678,10 +722,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         if isinstance(sd, dict) and "model" in sd:
             hint = " (it looks like a vss checkpoint: use vss.checkpoint.load_checkpoint)"
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}{hint}")
-    target = backbone.vit if isinstance(backbone, ViTBackbone) else backbone
+    target = backbone.vit if isinstance(getattr(backbone, "vit", None), DinoVisionTransformer) else backbone
     if isinstance(target, ResNet):
         sd = {k: v for k, v in sd.items() if k not in ("fc.weight", "fc.bias")}
     expected = target.state_dict()
+    kernel = "patch_embed.proj.weight"
+    if isinstance(target, DinoVisionTransformer) and kernel in sd and sd[kernel].dim() == 4:
+        if sd[kernel].shape[-2:] != expected[kernel].shape[-2:]:
+            sd = {**sd, kernel: resize_patch_kernel(sd[kernel], target.patch_size)}
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
     shapes = [

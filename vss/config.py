@@ -8,7 +8,8 @@ Presets (``PRESETS``):
   layers) for the embedded synthetic data, tests and CPU benchmarks.
 - ``r50``: the DVIS++ R50 VSPW config (DVIS_Plus ``configs/dvis_Plus/VSPW/*R50*.yaml``: 100
   queries, hidden 256, 6 deformable encoder layers, 9 masked-attention layers, 12544 points).
-- ``vitl``: DINOv2 ViT-L/14 (frozen) + multi-scale neck, 200 queries, otherwise as ``r50``.
+- ``vitl``: DVIS++'s ViT-L: DINOv2 ViT-L (frozen) built with 16x16 patches + ViT-Adapter,
+  200 queries, otherwise as ``r50`` (``configs/dvis_Plus/VSPW/vit_adapter/*.yaml``).
 
 No config framework: a preset is a function returning a ``Config``; scripts override fields
 from argparse flags explicitly.
@@ -28,11 +29,15 @@ class ModelConfig:
     # --- backbone (vss/backbone.py) ---
     backbone: str = "resnet50"  # resnet18|resnet34|resnet50|resnet101|vit_small|vit_base|vit_large|vit_giant2
     resnet_width: int = 64  # stem/stage-1 width; 64 = torchvision (smaller only for tests)
+    # detectron2 STEM_OUT_CHANNELS / RES2_OUT_CHANNELS when they differ from the torchvision
+    # layout (0 = resnet_width and resnet_width * expansion); only narrow test models set them.
+    resnet_stem_channels: int = 0
+    resnet_res2_channels: int = 0
     frozen_bn: bool = True  # detectron2 FrozenBN, as DVIS++ R50 (NORM line commented out)
     vit_patch_size: int = 14
     vit_num_registers: int = 0
     freeze_vit: bool = True  # DVIS++ ViT-L configs: FREEZE_VIT True
-    vit_neck: str = "simple"  # "simple" (documented gap) or "adapter" (ViT-Adapter)
+    vit_neck: str = "simple"  # "simple" (ViTDet pyramid) or "adapter" (DVIS++'s ViT-Adapter)
     # --- pixel decoder (vss/pixel_decoder.py) ---
     conv_dim: int = 256
     mask_dim: int = 256
@@ -46,6 +51,7 @@ class ModelConfig:
     nheads: int = 8
     dim_feedforward: int = 2048
     dec_layers: int = 9  # masked-attention layers; +1 prediction from the learnable queries
+    reid_hidden_dim: int | None = None  # reid MLP width (DVIS++ REID_HIDDEN_DIM 256); None = hidden_dim
     # --- video stages (vss/tracker.py, vss/refiner.py) ---
     tracker_layers: int = 6
     refiner_layers: int = 6
@@ -315,15 +321,19 @@ def r50() -> Config:
         refiner=StageConfig(frames=21, reverse_prob=0.5, crop="range", crop_range=(600, 720), lr_steps=(0.7,)),
         semi=StageConfig(frames=1, crop="none"),
     )
+    cfg.model.reid_hidden_dim = 256  # REID_HIDDEN_DIM
     return cfg
 
 
 def vitl() -> Config:
     """DVIS++'s ViT-L VSPW configs (``vit_adapter/*_VitAdapterL.yaml``, whose base is the R50 file of
-    the same name): as ``r50`` with a frozen DINOv2 ViT-L behind the ViT-Adapter and 200 queries."""
+    the same name): as ``r50`` with a frozen DINOv2 ViT-L built with 16x16 patches (backbone
+    ``D2VitAdapterDinoV2``) behind the ViT-Adapter and 200 queries."""
     cfg = r50()
     cfg.name = "vitl"
     cfg.model.backbone = "vit_large"
+    cfg.model.vit_patch_size = 16
+    cfg.model.vit_neck = "adapter"
     cfg.model.num_queries = 200
     return cfg
 

@@ -13,7 +13,9 @@ embeddings handed to the referring tracker.
 
 Readings taken:
 - The reid MLP reads the *normed* queries, as the DVIS++ code does (`reid_embed(decoder_norm(q))`):
-  pred_embds = [norm(q) | reid(norm(q))], pred_embds_without_norm = [q | reid(norm(q))].
+  pred_embds = [norm(q) | reid(norm(q))], pred_embds_without_norm = [q | reid(norm(q))]. Its
+  hidden layers are `reid_hidden_dim` wide (DVIS++ `MLP(hidden_dim, REID_HIDDEN_DIM, hidden_dim,
+  NUM_REID_HEAD_LAYERS=3)`; 256 = hidden_dim in the real configs).
 - Attention masks are (N, Q, L) and broadcast over the heads: the original repeats one identical
   mask per head, so both are the same computation.
 - The fully-blocked-row fix is applied where the mask is built (the original applies it right
@@ -78,6 +80,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         dim_feedforward: FFN width.
         dec_layers: masked-attention layers (dec_layers + 1 predictions).
         mask_dim: channels of mask_features.
+        reid_hidden_dim: width of the reid MLP's hidden layers (None: hidden_dim).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         dim_feedforward: int,
         dec_layers: int,
         mask_dim: int,
+        reid_hidden_dim: int | None = None,
     ):
         super().__init__()
         if dec_layers < 1:
@@ -120,7 +124,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 self.input_proj.append(conv)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        self.reid_embed = MLP(hidden_dim, hidden_dim, hidden_dim, 3)
+        self.reid_embed = MLP(hidden_dim, reid_hidden_dim or hidden_dim, hidden_dim, 3)
         for layer in self.reid_embed.layers:
             c2_xavier_fill(layer)
 
@@ -275,5 +279,6 @@ def build_segmenter(cfg: "Config") -> Segmenter:
         dim_feedforward=m.dim_feedforward,
         dec_layers=m.dec_layers,
         mask_dim=m.mask_dim,
+        reid_hidden_dim=m.reid_hidden_dim,
     )
     return Segmenter(backbone, pixel_decoder, transformer_decoder)

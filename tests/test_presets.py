@@ -28,6 +28,8 @@ def test_r50_data_and_solver_are_dvis_plus():
     # prediction: 10 supervised outputs), hidden 256, 124 classes, 12544 points
     assert (m.backbone, m.frozen_bn, m.num_queries, m.enc_layers, m.dec_layers, m.hidden_dim, m.num_classes) == (
         "resnet50", True, 100, 6, 9, 256, 124)
+    # the reid MLP of the DVIS++ decoder (REID_HIDDEN_DIM 256), torchvision-width ResNet stem/res2
+    assert (m.reid_hidden_dim, m.resnet_width, m.resnet_stem_channels, m.resnet_res2_channels) == (256, 64, 0, 0)
     assert (cfg.loss.num_points, cfg.loss.class_weight, cfg.loss.mask_weight, cfg.loss.dice_weight) == (
         12544, 2.0, 5.0, 5.0)
     assert cfg.loss.ctvis and (cfg.loss.ctvis_weight, cfg.loss.ctvis_aux_weight) == (2.0, 3.0)
@@ -48,8 +50,18 @@ def test_r50_stages_are_dvis_plus():
 
 
 def test_vitl_is_r50_with_the_vit_and_200_queries():
+    """configs/dvis_Plus/VSPW/vit_adapter/*_VitAdapterL.yaml: backbone D2VitAdapterDinoV2 (DINOv2
+    ViT-L built with 16x16 patches, no registers, FREEZE_VIT True) under the ViT-Adapter,
+    NUM_OBJECT_QUERIES 200; everything else from the R50 file of the same name (REID_HIDDEN_DIM 256
+    included)."""
     r50, vitl = get_preset("r50"), get_preset("vitl")
-    assert vitl.model.backbone == "vit_large" and vitl.model.num_queries == 200 and vitl.model.freeze_vit
+    m = vitl.model
+    assert (m.backbone, m.vit_patch_size, m.vit_num_registers, m.freeze_vit, m.vit_neck, m.num_queries) == (
+        "vit_large", 16, 0, True, "adapter", 200)
+    assert m.reid_hidden_dim == 256 and m.hidden_dim == 256
+    changed = {"backbone", "vit_patch_size", "vit_neck", "num_queries"}
+    assert {k: v for k, v in vars(m).items() if k not in changed} == {
+        k: v for k, v in vars(r50.model).items() if k not in changed}
     assert vitl.data == r50.data and vitl.stages == r50.stages and vitl.optim == r50.optim and vitl.loss == r50.loss
 
 

@@ -3,6 +3,10 @@
 Fixtures (see ../shared/fixtures/README.md):
 - ``torchvision_resnet.npz`` (22 MB, only beside the dev repo): torchvision resnet18 state dict,
   input and res2..res5 in eval mode.
+- ``tests/data/torchvision_resnet_tiny.npz`` (1.4 MB, everywhere): torchvision's resnet18 and
+  resnet50 code at width 8, seeded weights with perturbed BatchNorms, an input and the stem,
+  res2..res5, pooled features and logits in eval mode; made by
+  ``tests/data/make_torchvision_resnet_tiny.py`` (how: its docstring).
 - ``tests/data/dinov2_tiny_fixture.npz``: a tiny facebookresearch/dinov2 ViT, input 98x126 (not
   518x518, so the pos-embed interpolation is checked) and its ``forward_features`` outputs.
 - ``tests/data/dinov2_keys.json``: state-dict keys/shapes of dinov2 ViT-S/14 and ViT-L/14.
@@ -58,6 +62,62 @@ def test_resnet18_matches_torchvision(shared_dir, tmp_path, frozen_bn):
         ref = torch.from_numpy(z[name])
         assert out[name].shape == ref.shape, name
         assert _rel_err(out[name], ref) < 1e-4, name
+
+
+TINY_TOLERANCE = 1e-5  # max |vss - torchvision| / max |torchvision|, per output
+
+
+def _tiny_torchvision(test_data, depth: str) -> tuple[dict, dict, int]:
+    """(state dict in float32, outputs, width) of one model of torchvision_resnet_tiny.npz."""
+    z = np.load(test_data / "torchvision_resnet_tiny.npz")
+    meta = json.loads(z["meta"].item())
+    assert meta["torchvision"].startswith("0.") and meta["models"][depth]["construction"].startswith("torchvision")
+    prefix = f"{depth}/sd/"
+    sd = {k[len(prefix):]: torch.from_numpy(z[k]) for k in z.files if k.startswith(prefix)}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # float16 on disk, exact
+    outputs = {k: torch.from_numpy(z[f"{depth}/{k}"]) for k in ("stem", *LEVELS, "pooled", "logits")}
+    outputs["input"] = torch.from_numpy(z["input"])
+    return sd, outputs, meta["widths"][depth]
+
+
+def _stem_stages_pooled(model: ResNet, x: torch.Tensor, fc: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    with torch.no_grad():
+        out = {"stem": model.maxpool(model.relu(model.bn1(model.conv1(x)))), **model(x)}
+    out["pooled"] = out["res5"].mean((2, 3))  # torchvision: avgpool + flatten
+    out["logits"] = F.linear(out["pooled"], *fc)
+    return out
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_tiny_resnet_matches_torchvision(test_data, tmp_path, depth, frozen_bn):
+    """torchvision's own ResNet code at width 8 (tests/data/make_torchvision_resnet_tiny.py): the
+    file loads strictly (torchvision's key names and shapes, classifier dropped) and the stem,
+    every stage, the pooled features and the logits match."""
+    sd, ref, width = _tiny_torchvision(test_data, depth)
+    assert "fc.weight" in sd and any(k.endswith("num_batches_tracked") for k in sd)
+    torch.save(sd, tmp_path / f"{depth}.pth")
+    model = ResNet(depth, width=width, frozen_bn=frozen_bn)
+    load_backbone_weights(model, tmp_path / f"{depth}.pth")
+    model.eval()
+    out = _stem_stages_pooled(model, ref["input"], (sd["fc.weight"], sd["fc.bias"]))
+    for name in ("stem", *LEVELS, "pooled", "logits"):
+        assert out[name].shape == ref[name].shape, name
+        assert _rel_err(out[name], ref[name]) < TINY_TOLERANCE, (name, _rel_err(out[name], ref[name]))
+
+
+def test_tiny_torchvision_fixture_detects_stride_in_1x1(test_data):
+    """The same weights with the stride in the first 1x1 conv of each downsampling bottleneck
+    (ResNet v1 / detectron2 STRIDE_IN_1X1 True) miss res3..res5 by far more than the tolerance:
+    the fixture does check torchvision's v1.5 layout, not only the shapes."""
+    sd, ref, width = _tiny_torchvision(test_data, "resnet50")
+    model = ResNet("resnet50", width=width)
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")}, strict=True)
+    for layer in (model.layer2, model.layer3, model.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    out = _stem_stages_pooled(model.eval(), ref["input"], (sd["fc.weight"], sd["fc.bias"]))
+    assert _rel_err(out["res2"], ref["res2"]) < TINY_TOLERANCE  # before the first stride: same
+    assert all(_rel_err(out[name], ref[name]) > 1e-2 for name in ("res3", "res4", "res5"))
 
 
 @pytest.mark.parametrize("frozen_bn", [False, True])

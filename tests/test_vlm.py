@@ -5,7 +5,6 @@ import base64
 import json
 import logging
 import threading
-import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -36,10 +35,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server API)
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        srv.requests.append(
-            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-        )
-        time.sleep(srv.delay)
+        with srv.arrived:
+            srv.requests.append(
+                {
+                    "path": self.path,
+                    "auth": self.headers.get("Authorization"),
+                    "read_timeout": self.headers.get("X-Stainless-Read-Timeout"),  # the SDK's own
+                    "body": body,
+                }
+            )
+            srv.arrived.notify_all()
+        if srv.hold:  # answer only once the test is over (the cap only ends a broken test)
+            srv.release.wait(timeout=120)
+        srv.answered += 1
         if srv.status != 200:
             payload = {"error": {"message": srv.error_message, "type": "error", "code": srv.status}}
         else:
@@ -74,11 +82,13 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.requests, srv.delay, srv.status = [], 0.0, 200
+    srv.requests, srv.arrived, srv.status = [], threading.Condition(), 200
+    srv.hold, srv.release, srv.answered = False, threading.Event(), 0
     srv.answer, srv.error_message = "The water in the image is a lake.", "server error"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -184,15 +194,24 @@ def test_failures_leave_labels_unchanged(server, client, setup, match):
     assert len(server.requests) == (3 if setup.get("status") == 500 else 1)
 
 
-def test_timeout_leaves_labels_unchanged(server, client):
-    server.delay = 1.5
+def test_timeout_leaves_labels_unchanged(server, client, caplog):
+    """A server that never answers: each attempt gives up on its own timeout (the one passed to
+    correct_video, not the client's), one retry, then the labels stay. Events, not wall time: the
+    call returns while the server still holds both requests, so only the client's timeout can
+    have ended them."""
+    server.hold = True
     frames, labels = make_video()
-    start = time.monotonic()
+    caplog.set_level(logging.INFO, logger="vss.vlm")
     with pytest.warns(RuntimeWarning, match="Timeout"):
         new, report = run(client, timeout=0.3, retries=1)
-    assert time.monotonic() - start < 1.4  # two 0.3 s attempts, not the server's 1.5 s
+    assert server.answered == 0  # returned with nothing answered: both attempts timed out
     np.testing.assert_array_equal(new, labels)
-    assert report["water"]["status"] == "failed" and len(server.requests) == 2
+    assert report["water"]["status"] == "failed"
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries == ["VLM request failed (APITimeoutError); retry 1/1 in 0.0 s"]  # 2 attempts
+    with server.arrived:  # the server thread may read the requests after the client gave up
+        assert server.arrived.wait_for(lambda: len(server.requests) == 2, timeout=120)
+    assert [r["read_timeout"] for r in server.requests] == ["0.3", "0.3"]  # per request, as passed
 
 
 @pytest.mark.parametrize(

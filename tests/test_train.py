@@ -5,9 +5,11 @@ input gives a clear error."""
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import vss.engine
 import vss.stages
 from helpers import REPO, script_main, write_ddp_train_wrapper
 from vss.checkpoint import load_checkpoint
@@ -170,17 +173,28 @@ def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):
     out = tmp_path / "sig"
     argv = args_for(setup, out, "--iters", 1000)
     argv[argv.index("--workers") + 1] = "1"  # the signal goes to the data worker as well
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    with open(tmp_path / "stdout.txt", "wb") as stdout:
+        proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, stdout=stdout,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    # The signal goes out once step 1 is done: its loss shows on the progress bar (stderr), so the
+    # data worker has delivered a batch and set its signal handlers. (The 600 s cap only ends a
+    # hung run; the test waits for the event, not for a time.)
+    err = b""
+    while b"loss=" not in err and select.select([proc.stderr], [], [], 600)[0]:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break  # the run ended before its first step
+        err += chunk
+    assert b"loss=" in err, err.decode()[-3000:]
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or a terminal: the whole process group
-    _, err = proc.communicate(timeout=120)
+    err = (err + proc.communicate(timeout=600)[1]).decode()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     ck = load_checkpoint(out / "last.pt")
     assert 1 <= ck["step"] < 1000 and ck["data"]["samples"] == ck["step"]
-    assert log_lines(out)[-1]["step"] <= ck["step"]
+    # every step is logged before the loop looks for a signal: the last one logged is the one saved
+    steps = [x["step"] for x in log_lines(out)]
+    assert steps == list(range(1, ck["step"] + 1))
+    assert f"stopped by a signal at step {ck['step']}; saved" in (tmp_path / "stdout.txt").read_text()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
@@ -333,29 +347,60 @@ def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, 
     assert "loaded segmenter" in printed and "ignored from the checkpoint: tracker" in printed
 
 
-def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path):
-    """--time-budget times the first steps, fits the number of steps to the budget and runs the
-    whole schedule: the LR reaches its last value (base x 0.01 after the drops at 0.7 and 0.9 of
-    the fitted length), and the fitted schedule is in log.jsonl and config.json. A fresh process,
-    since the budget counts the CPU time of the process."""
+def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path, monkeypatch, capsys):
+    """--time-budget times the steps after this process's first, fits the number of steps to the
+    budget and runs the whole schedule: the LR reaches its last value (base x 0.01 after the drops
+    at 0.7 and 0.9 of the fitted length), and the fitted schedule is in log.jsonl and config.json.
+    The budget clock reads a fake CPU clock, setup_s + step_s x (training steps begun), so the
+    fitted length is known exactly (binary-exact numbers): timed from step 1 (3.25 s) to step 11
+    (5.75 s), 0.25 s a step, (7.5 - 5.75) / 0.25 = 7 more steps: 18, LR drops at round(12.6) = 13
+    and round(16.2) = 16."""
+    setup_s, step_s, budget_min = 3.0, 0.25, 0.125  # the budget: 7.5 CPU-s
+    stage, begun = STAGES["segmenter"], []
+
+    def counted_loss(model, criterion, batch, step, cfg):
+        begun.append(step)
+        return stage.loss(model, criterion, batch, step, cfg)
+
+    monkeypatch.setitem(STAGES, "segmenter", dataclasses.replace(stage, loss=counted_loss))
+    monkeypatch.setattr(vss.engine, "BudgetClock",
+                        functools.partial(vss.engine.BudgetClock, cpu_time=lambda: setup_s + step_s * len(begun)))
+    main = script_main("train.py")  # binds the patched BudgetClock
+    assert main.__globals__["FIT_STEPS"] == 10
     out = tmp_path / "budget"
-    res = run([*args_for(setup, out, "--time-budget", 0.12, "--eval-every", 0)])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(args_for(setup, out, "--time-budget", budget_min)) == 0
     lines = log_lines(out)
-    fitted = [x["schedule"] for x in lines if "schedule" in x]
-    assert len(fitted) == 1
-    iters = fitted[0]["iters"]
-    assert iters > 12 and fitted[0]["milestones"] == [round(0.7 * iters), round(0.9 * iters)]
+    fitted = [x for x in lines if "schedule" in x]
+    assert fitted == [{"step": 11, "schedule": {"iters": 18, "milestones": [13, 16], "budget_cpu_min": budget_min,
+                                                "cpu_s_per_step": step_s}}]
     steps = [x for x in lines if "loss" in x]
-    assert steps[-1]["step"] == iters and steps[-1]["lr"] == pytest.approx(2e-4 * 0.01)
-    assert [x["step"] for x in steps] == list(range(1, iters + 1))
+    assert [x["step"] for x in steps] == list(range(1, 19)) and begun == list(range(1, 19))
+    # LR of step s (0-based iteration s - 1): 2e-4 x 0.1 ** #(milestones <= s - 1)
+    assert [x["lr"] for x in steps] == pytest.approx([2e-4] * 13 + [2e-5] * 3 + [2e-6] * 2)
+    assert lines[-1] == {"step": 18, "done": True, "cpu_min": budget_min}  # 3 + 18 x 0.25 = 7.5 s
     config = json.loads((out / "config.json").read_text())
-    assert config["optim"]["iters"] == iters and config["optim"]["time_budget"] == 0.12
-    assert load_checkpoint(out / "last.pt")["step"] == iters
+    assert config["optim"]["iters"] == 18 and config["optim"]["time_budget"] == budget_min
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 18 and ck["cpu_minutes"] == budget_min
     # resumed with the same budget: nothing left to do; another budget is another run
-    assert run([*args_for(setup, out, "--time-budget", 0.12, "--resume", "auto")]).returncode == 0
-    res = run([*args_for(setup, out, "--time-budget", 0.5, "--resume", "auto")])
-    assert res.returncode == 2 and "optim.time_budget: 0.12 -> 0.5" in res.stderr
+    assert main(args_for(setup, out, "--time-budget", budget_min, "--resume", "auto")) == 0
+    assert begun == list(range(1, 19)) and [x for x in log_lines(out) if "loss" in x] == steps
+    capsys.readouterr()
+    assert main(args_for(setup, out, "--time-budget", 0.5, "--resume", "auto")) == 2
+    assert f"optim.time_budget: {budget_min} -> 0.5" in capsys.readouterr().err
+
+
+def test_budget_clock_reads_process_cpu_time_and_excludes_validation():
+    """What the fake clock above stands for: by default BudgetClock reads time.process_time; a
+    resumed run's earlier CPU time is added and the time inside ``excluded()`` left out."""
+    assert vss.engine.BudgetClock().cpu_time is time.process_time
+    now = [10.0]
+    clock = vss.engine.BudgetClock(prior_s=60.0, cpu_time=lambda: now[0])
+    assert clock.seconds() == 70.0
+    with clock.excluded():
+        now[0] += 5.0  # validation
+    now[0] += 2.0  # training
+    assert clock.seconds() == 72.0
 
 
 def _image_folder(root: Path, values: list[int]) -> Path:

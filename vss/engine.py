@@ -408,18 +408,21 @@ def continue_log(path: Path, step: int) -> None:
 class BudgetClock:
     """CPU seconds of the run's setup and training steps: every thread of this process
     (time.process_time; data workers excluded), plus what earlier processes of a resumed run used,
-    minus the time spent in validation, so that --eval-every does not change the schedule."""
+    minus the time spent in validation, so that --eval-every does not change the schedule.
 
-    def __init__(self, prior_s: float = 0.0):
-        self.prior_s, self.excluded_s = prior_s, 0.0
+    ``cpu_time`` is the clock read (seconds; only differences and the first reading matter):
+    ``time.process_time`` except in tests, which pass a fake that advances by fixed amounts."""
+
+    def __init__(self, prior_s: float = 0.0, cpu_time: Callable[[], float] = time.process_time):
+        self.prior_s, self.excluded_s, self.cpu_time = prior_s, 0.0, cpu_time
 
     def seconds(self) -> float:
-        return self.prior_s + time.process_time() - self.excluded_s
+        return self.prior_s + self.cpu_time() - self.excluded_s
 
     @contextlib.contextmanager
     def excluded(self):
-        start = time.process_time()
+        start = self.cpu_time()
         try:
             yield
         finally:
-            self.excluded_s += time.process_time() - start
+            self.excluded_s += self.cpu_time() - start

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and infer.py are scripts at the repository root
 
+import evaluate  # noqa: E402
 import infer  # noqa: E402
 import vss.semi_stage as semi_stage  # noqa: E402
 from vss.checkpoint import load_checkpoint  # noqa: E402
@@ -269,7 +270,7 @@ def semi_runs(setup):
             "resumed": load_checkpoint(base / "s_split" / "last.pt"), "out": base / "s_straight"}
 
 
-def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, setup):
+def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, setup, tmp_path):
     ck = semi_runs["straight"]
     assert ck["stage"] == "segmenter" and ck["semi"] is True and ck["step"] == 2
     assert {"teacher", "rep_head", "memory_bank"} <= set(ck["semi_state"])
@@ -284,8 +285,16 @@ def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, s
     train_lines = [x for x in lines if "loss" in x]
     assert len(train_lines) == 2
     assert all(x["bank_keys"] > 0 and "unsup_loss_ce" in x and "loss_contra" in x for x in train_lines)
-    val = [x["val"] for x in lines if "val" in x]  # predict_video of the student's VideoModel
-    assert len(val) == 1 and 0 <= val[0]["mIoU"] <= 1
+    # predict_video of the student's VideoModel: the same figures as infer.py on best.pt (saved
+    # right after that validation) scored by evaluate.py (integer counts: equal, not close)
+    (val,) = [x["val"] for x in lines if "val" in x]
+    assert infer.main(["--checkpoint", str(semi_runs["out"] / "best.pt"), "--data", str(setup["data"]), "--split",
+                       "val", "--out", str(tmp_path / "pred"), "--device", "cpu", "--no-progress"]) == 0
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(setup["data"]), "--split", "val",
+                          "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert {"mIoU", "VC8"} <= set(val) and val == {k: summary[k] for k in val}, (val, summary)
+    assert ck["best_miou"] == val["mIoU"]
     assert ck["class_names"] == json.loads((setup["data"] / "classes.json").read_text())["classes"]
 
 

@@ -51,26 +51,64 @@ def ms_deform_attn_core(
     """
     n, s, heads, dh = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    _check_shapes(s, n_levels, spatial_shapes)
+    maps = value_maps(value, spatial_shapes)
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5)  # (N, M, L, P, Lq, 2) in [-1, 1]
+    weights = attention_weights.permute(0, 2, 3, 4, 1)  # (N, M, L, P, Lq)
+    out = sample_and_sum(maps, grids.reshape(n * heads, n_levels, n_points, lq, 2),
+                         weights.reshape(n * heads, n_levels, n_points, lq))  # (N*M, Dh, Lq)
+    return out.view(n, heads * dh, lq).transpose(1, 2)  # (N, Lq, M*Dh)
+
+
+def _check_shapes(s: int, n_levels: int, spatial_shapes: Sequence[tuple[int, int]]) -> None:
     sizes = [h * w for h, w in spatial_shapes]
     if sum(sizes) != s or len(sizes) != n_levels:
         raise ValueError(
             f"spatial_shapes {list(spatial_shapes)} do not match the value length {s} "
             f"or the {n_levels} levels of the sampling locations"
         )
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+
+
+def value_maps(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Split the flattened per-head values into one feature map per level and head.
+
+    Args:
+        value: (N, S, M, Dh), the levels flattened row-major and concatenated.
+        spatial_shapes: L pairs (H_l, W_l).
+    Returns:
+        L maps (N*M, Dh, H_l, W_l).
+    """
+    n, _, heads, dh = value.shape
+    sizes = [h * w for h, w in spatial_shapes]
+    return [
+        value_l.permute(0, 2, 3, 1).reshape(n * heads, dh, h, w)  # (N*M, Dh, H_l, W_l)
+        for value_l, (h, w) in zip(value.split(sizes, dim=1), spatial_shapes)
+    ]
+
+
+def sample_and_sum(maps: list[Tensor], grids: Tensor, weights: Tensor) -> Tensor:
+    """Bilinear samples of each level's map, weighted by the attention and summed over levels
+    and points (zero padding, align_corners=False: pixel centres at (j + 0.5) / W).
+
+    The points of a query are laid out along the grid's height and the queries along its width,
+    (P, Lq) rather than (Lq, P): grid_sample's CPU kernel vectorises over the width, and the sum
+    over the points then runs over a middle dimension with Lq contiguous. Both are several times
+    faster than with P = 4 innermost, for the same arithmetic.
+
+    Args:
+        maps: L maps (B, Dh, H_l, W_l), B = N*M (`value_maps`).
+        grids: (B, L, P, Lq, 2) sampling locations as (x, y) in grid_sample's [-1, 1].
+        weights: (B, L, P, Lq) attention weights.
+    Returns:
+        (B, Dh, Lq).
+    """
     out = None
-    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes)):
-        value_l = value_l.permute(0, 2, 3, 1).reshape(n * heads, dh, h, w)  # (N*M, Dh, H_l, W_l)
-        grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(n * heads, lq, n_points, 2)
-        # (N*M, Dh, Lq, P): bilinear, zero outside the map, pixel centres at (j + 0.5) / W
-        sampled = F.grid_sample(
-            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        weight_l = attention_weights[:, :, :, lvl].transpose(1, 2)  # (N, M, Lq, P)
-        weight_l = weight_l.reshape(n * heads, 1, lq, n_points)  # (N*M, 1, Lq, P)
-        contrib = (sampled * weight_l).sum(-1)  # (N*M, Dh, Lq)
+    for lvl, value_l in enumerate(maps):
+        # (B, Dh, P, Lq)
+        sampled = F.grid_sample(value_l, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        contrib = (sampled * weights[:, lvl, None]).sum(2)  # (B, Dh, Lq)
         out = contrib if out is None else out + contrib
-    return out.view(n, heads * dh, lq).transpose(1, 2)  # (N, Lq, M*Dh)
+    return out
 
 
 def encoder_reference_points(
@@ -170,23 +208,28 @@ class MSDeformAttn(nn.Module):
             )
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
 
+        _check_shapes(s, levels, spatial_shapes)
         value = self.value_proj(input_flatten)  # (N, S, Dv)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(n, s, heads, self.value_dim // heads)  # (N, S, M, Dh)
+        maps = value_maps(value.view(n, s, heads, self.value_dim // heads), spatial_shapes)  # L x (N*M, Dh, H_l, W_l)
 
-        offsets = self.sampling_offsets(query)  # (N, Lq, M*L*P*2)
-        offsets = offsets.view(n, lq, heads, levels, points, 2)  # (N, Lq, M, L, P, 2)
-        # one softmax over the L*P samples of each head
-        weights = self.attention_weights(query).view(n, lq, heads, levels * points)
-        weights = weights.softmax(-1).view(n, lq, heads, levels, points)  # (N, Lq, M, L, P)
+        # offsets are in pixels of their level: divide by (W_l, H_l) to get [0, 1] units. One
+        # divisor per output feature keeps the division's inner loop long (not pairs of 2).
+        size_wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)  # (L, 2)
+        divisor = size_wh[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)  # (M*L*P*2,)
+        offsets = self.sampling_offsets(query) / divisor  # (N, Lq, M*L*P*2)
+        # sampling locations in the layout of `sample_and_sum`, in grid_sample's [-1, 1]
+        offsets = offsets.view(n, lq, heads, levels, points, 2).permute(0, 2, 3, 4, 1, 5)  # (N, M, L, P, Lq, 2)
+        ref = reference_points.expand(n, lq, levels, 2).permute(0, 2, 1, 3)[:, None, :, None]  # (N, 1, L, 1, Lq, 2)
+        grids = 2 * (offsets.contiguous() + ref) - 1  # (N, M, L, P, Lq, 2)
 
-        # offsets are in pixels of their level: divide by (W_l, H_l) to get [0, 1] units
-        sizes = [[w, h] for h, w in spatial_shapes]
-        size_wh = torch.tensor(sizes, dtype=query.dtype, device=query.device)  # (L, 2)
-        ref = reference_points.expand(n, lq, levels, 2)  # (N, Lq, L, 2)
-        # (N, Lq, M, L, P, 2)
-        locations = ref[:, :, None, :, None, :] + offsets / size_wh[None, None, None, :, None, :]
+        # one softmax over the L*P samples of each head, taken in the layout of `sample_and_sum`
+        # (over a middle dimension, Lq contiguous: vectorised, unlike a softmax over 12 numbers)
+        logits = self.attention_weights(query).view(n, lq, heads, levels * points)  # (N, Lq, M, L*P)
+        weights = logits.permute(0, 2, 3, 1).contiguous().softmax(2)  # (N, M, L*P, Lq)
 
-        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (N, Lq, Dv)
+        out = sample_and_sum(maps, grids.view(n * heads, levels, points, lq, 2),
+                             weights.view(n * heads, levels, points, lq))  # (N*M, Dh, Lq)
+        out = out.view(n, self.value_dim, lq).transpose(1, 2)  # (N, Lq, Dv)
         return self.output_proj(out)

@@ -91,9 +91,9 @@ def sample_and_sum(maps: list[Tensor], grids: Tensor, weights: Tensor) -> Tensor
     and points (zero padding, align_corners=False: pixel centres at (j + 0.5) / W).
 
     The points of a query are laid out along the grid's height and the queries along its width,
-    (P, Lq) rather than (Lq, P): grid_sample's CPU kernel vectorises over the width, and the sum
-    over the points then runs over a middle dimension with Lq contiguous. Both are several times
-    faster than with P = 4 innermost, for the same arithmetic.
+    (P, Lq) rather than (Lq, P): grid_sample's CPU kernel vectorises over the width, and the
+    weighted sum over the points then reads (B, Dh, Lq) slices with Lq contiguous. Both are several
+    times faster than with P = 4 innermost, for the same arithmetic.
 
     Args:
         maps: L maps (B, Dh, H_l, W_l), B = N*M (`value_maps`).
@@ -106,8 +106,9 @@ def sample_and_sum(maps: list[Tensor], grids: Tensor, weights: Tensor) -> Tensor
     for lvl, value_l in enumerate(maps):
         # (B, Dh, P, Lq)
         sampled = F.grid_sample(value_l, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        contrib = (sampled * weights[:, lvl, None]).sum(2)  # (B, Dh, Lq)
-        out = contrib if out is None else out + contrib
+        # sum over the points by accumulation: no temporary of the samples' size
+        for s_p, w_p in zip(sampled.unbind(2), weights[:, lvl, :, None].unbind(1)):  # (B, Dh, Lq), (B, 1, Lq)
+            out = s_p * w_p if out is None else torch.addcmul(out, s_p, w_p)
     return out
 
 

@@ -186,6 +186,25 @@ def test_uncertain_point_coords_count_and_concentration():
     assert plain.shape == (3, 50, 2)
 
 
+def test_uncertain_point_coords_are_exactly_the_most_uncertain_candidates():
+    # The fast selection (integer top-k on |logit|) against its definition: the P_imp candidates
+    # with the largest -|logit|, from the same random candidates (same seed), as sets.
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1, 12, 16, generator=gen) * 3  # (M,1,h,w); sign and scale vary
+    logits[2] *= -1
+    torch.manual_seed(7)
+    coords = uncertain_point_coords(logits, num_points=64, oversample_ratio=3, importance_sample_ratio=0.75)
+    torch.manual_seed(7)
+    candidates = torch.rand(4, 192, 2)  # the first draw of uncertain_point_coords
+    uncertainty = -point_sample(logits, candidates)[:, 0].abs()  # (M,192)
+    for m in range(4):
+        chosen = candidates[m, uncertainty[m].argsort(descending=True)[:48]]  # (48,2)
+        got = coords[m, :48]
+        assert torch.equal(got[got[:, 0].argsort()], chosen[chosen[:, 0].argsort()]), m
+    # the last 16 points are fresh uniform draws, not candidates
+    assert not torch.isin(coords[:, 48:, 0], candidates[..., 0]).any()
+
+
 def test_flatten_clip_masks():
     x = torch.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
     flat = flatten_clip_masks(x)

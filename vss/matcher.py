@@ -103,9 +103,11 @@ def uncertain_point_coords(
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     candidates = torch.rand(num_masks, num_sampled, 2, device=device)  # (M,P*os,2)
-    uncertainty = -point_sample(logits.float(), candidates)[:, 0].abs()  # (M,P*os)
-    # Unsorted top-k: only the set matters, and it is ~2x faster on CPU for k ~ 10^4.
-    top = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # (M,P_imp)
+    # The most uncertain points (uncertainty -|logit|) are those of smallest |logit|. |logit| >= 0,
+    # and the bits of non-negative float32s order like int32s: the integer top-k picks the same
+    # set ~1.5x faster on CPU. Unsorted: only the set matters, and it is ~2x faster for k ~ 10^4.
+    certainty = point_sample(logits.float(), candidates)[:, 0].abs()  # (M,P*os)
+    top = certainty.view(torch.int32).topk(num_uncertain, dim=1, largest=False, sorted=False).indices  # (M,P_imp)
     chosen = candidates.gather(1, top[..., None].expand(-1, -1, 2))  # (M,P_imp,2)
     uniform = torch.rand(num_masks, num_points - num_uncertain, 2, device=device)  # (M,P-P_imp,2)
     return torch.cat([chosen, uniform], dim=1)  # (M,P,2)

@@ -244,6 +244,7 @@ def rss_child(which: str, preset: str, threads: int) -> dict:
     import vss.segmenter  # noqa: F401
 
     if which == "hf":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import transformers.models.mask2former.modeling_mask2former  # noqa: F401
     base = _status_mb("VmRSS")
     if which == "hf":
@@ -276,11 +277,11 @@ def compare_hf(args) -> None:
     import numpy as np
     import torch
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from configs: nothing to download
     try:
         import transformers
     except ImportError:
         sys.exit(f"--compare-hf needs transformers: pip install \"{HF_PIN}\"")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; make sure of it
     torch.set_num_threads(args.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"numpy {np.__version__}; torch threads {torch.get_num_threads()}")

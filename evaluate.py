@@ -14,20 +14,28 @@ empty split, video without frames) prints one line naming the file and exits wit
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import ctypes
+from functools import partial
 import math
 import multiprocessing
-import sys
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
+import sys
 from typing import Iterator, Sequence
 
 import cv2
 from tqdm import tqdm
 
-from vss.io import (check_label_range, read_prediction_png, read_shifted_label, write_json_atomic, list_frames, load_class_names, read_split)
-from vss.metrics import DatasetStats, VideoStats, summarize
+from vss.io import (
+    check_label_range,
+    list_frames,
+    load_class_names,
+    read_prediction_png,
+    read_shifted_label,
+    read_split,
+    write_json_atomic,
+)
+from vss.metrics import DatasetStats, summarize, VideoStats
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_PRED = REPO / "runs" / "default" / "pred"
@@ -37,15 +45,23 @@ def default_paths() -> tuple[Path, Path, str]:
     """(GT root, prediction folder, split) of the embedded default run: the synthetic dataset
     (rendered on first use) and what ``python infer.py`` writes with no arguments."""
     if not DEFAULT_PRED.is_dir():
-        raise FileNotFoundError(f"default predictions not found at {DEFAULT_PRED}: run `python infer.py` first "
-                                "(or pass --pred DIR --gt ROOT)")
+        raise FileNotFoundError(
+            f"default predictions not found at {DEFAULT_PRED}: run `python infer.py` first "
+            "(or pass --pred DIR --gt ROOT)"
+        )
     from vss.synthetic import ensure_default_dataset  # imported here: only the default run needs it
 
     return Path(ensure_default_dataset()), DEFAULT_PRED, "val"
 
 
-def evaluate_video(video: str, gt_root: Path, pred_dir: Path, num_classes: int, vc_sizes: tuple[int, ...],
-                   include_last_window: bool = False) -> VideoStats:
+def evaluate_video(
+    video: str,
+    gt_root: Path,
+    pred_dir: Path,
+    num_classes: int,
+    vc_sizes: tuple[int, ...],
+    include_last_window: bool = False,
+) -> VideoStats:
     """Score one video: every mask frame of ``gt_root/data/video`` against ``pred_dir/video``.
 
     Returns:
@@ -114,9 +130,17 @@ def _video_results(job, videos: Sequence[str], workers: int) -> Iterator[Iterato
         yield pool.imap(job, videos)
 
 
-def evaluate(gt_root: Path, pred_dir: Path, split: str, *, num_classes: int | None = None,
-             vc_sizes: Sequence[int] = (8, 16), workers: int = 1, include_last_window: bool = False,
-             progress: bool = True) -> dict:
+def evaluate(
+    gt_root: Path,
+    pred_dir: Path,
+    split: str,
+    *,
+    num_classes: int | None = None,
+    vc_sizes: Sequence[int] = (8, 16),
+    workers: int = 1,
+    include_last_window: bool = False,
+    progress: bool = True,
+) -> dict:
     """Evaluate a prediction folder against a VSPW-layout dataset.
 
     Args:
@@ -138,13 +162,20 @@ def evaluate(gt_root: Path, pred_dir: Path, split: str, *, num_classes: int | No
     k = num_classes or len(names)
     videos = read_split(gt_root, split)
     sizes = tuple(sorted(set(vc_sizes)))
-    job = partial(evaluate_video, gt_root=gt_root, pred_dir=pred_dir, num_classes=k, vc_sizes=sizes,
-                  include_last_window=include_last_window)
+    job = partial(
+        evaluate_video,
+        gt_root=gt_root,
+        pred_dir=pred_dir,
+        num_classes=k,
+        vc_sizes=sizes,
+        include_last_window=include_last_window,
+    )
     total = DatasetStats(k, sizes)
     # the pool is made before the progress bar, whose monitor thread should not be alive at fork
     with _video_results(job, videos, workers) as results:
-        for stats in tqdm(results, total=len(videos), desc="evaluate", unit="video", disable=not progress,
-                          file=sys.stderr):
+        for stats in tqdm(
+            results, total=len(videos), desc="evaluate", unit="video", disable=not progress, file=sys.stderr
+        ):
             total.add(stats)
     return summarize(total, names if len(names) == k else None)
 
@@ -156,13 +187,18 @@ def format_report(summary: dict) -> str:
     for name, iou in summary["per_class_IoU"].items():
         lines.append(f"{name:<40} {'-' if math.isnan(iou) else f'{100 * iou:7.2f}':>7}")
     present = sum(not math.isnan(v) for v in summary["per_class_IoU"].values())
-    lines += ["", f"videos {summary['num_videos']}, frames {summary['num_frames']}, "
-              f"valid GT pixels {summary['num_pixels']}, classes {summary['num_classes']} ({present} in GT)"]
+    lines += [
+        "",
+        f"videos {summary['num_videos']}, frames {summary['num_frames']}, "
+        f"valid GT pixels {summary['num_pixels']}, classes {summary['num_classes']} ({present} in GT)",
+    ]
     for key in ("mIoU", "fwIoU", "pixel_acc", "class_acc"):
         lines.append(f"{key:<10} {100 * summary[key]:7.2f}")
     for key in sorted((k for k in summary if k.startswith("VC") and k[2:].isdigit()), key=lambda s: int(s[2:])):
-        lines.append(f"{key:<10} {100 * summary[key]:7.2f}   ({summary[key + '_windows']} windows, "
-                     f"{summary[key + '_valid_windows']} with constant GT pixels)")
+        lines.append(
+            f"{key:<10} {100 * summary[key]:7.2f}   ({summary[key + '_windows']} windows, "
+            f"{summary[key + '_valid_windows']} with constant GT pixels)"
+        )
     return "\n".join(lines)
 
 
@@ -177,16 +213,19 @@ def _vc_sizes(text: str) -> tuple[int, ...]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pred", type=Path, help="prediction folder PRED/<video>/<frame>.png (class ids)")
-    p.add_argument("--gt", type=Path,
-                   help="dataset root with <split>.txt and data/<video>/mask/*.png (raw VSPW ids)")
+    p.add_argument("--gt", type=Path, help="dataset root with <split>.txt and data/<video>/mask/*.png (raw VSPW ids)")
     p.add_argument("--split", default="val", help="split file name without .txt (default: val)")
     p.add_argument("--num-classes", type=int, default=None, help="K (default: number of classes of the dataset)")
     p.add_argument("--vc", type=_vc_sizes, default=(8, 16), help="VC window sizes, e.g. 8,16; '' for none")
-    p.add_argument("--include-last-window", action="store_true",
-                   help="also count the window ending at the last frame (NOT the official number)")
+    p.add_argument(
+        "--include-last-window",
+        action="store_true",
+        help="also count the window ending at the last frame (NOT the official number)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes over videos (default 1: in-process)")
     p.add_argument("--json", type=Path, default=None, help="write every figure (incl. per-video VC) to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -208,16 +247,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     reuse_freed_memory()
     try:
         gt, pred, split = (args.gt, args.pred, args.split) if args.gt is not None else default_paths()
-        summary = evaluate(gt, pred, split, num_classes=args.num_classes, vc_sizes=args.vc,
-                           workers=args.workers, include_last_window=args.include_last_window,
-                           progress=not args.no_progress)
+        summary = evaluate(
+            gt,
+            pred,
+            split,
+            num_classes=args.num_classes,
+            vc_sizes=args.vc,
+            workers=args.workers,
+            include_last_window=args.include_last_window,
+            progress=not args.no_progress,
+        )
     except (ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     print(format_report(summary))
     if args.json is not None:
-        summary["config"] = {"gt": str(gt), "pred": str(pred), "split": split, "vc_sizes": list(args.vc),
-                             "include_last_window": args.include_last_window}
+        summary["config"] = {
+            "gt": str(gt),
+            "pred": str(pred),
+            "split": split,
+            "vc_sizes": list(args.vc),
+            "include_last_window": args.include_last_window,
+        }
         write_json_atomic(args.json, summary)
         print(f"wrote {args.json}")
     return 0

@@ -41,10 +41,10 @@ import argparse
 import hashlib
 import io
 import json
+from pathlib import Path
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import cv2
@@ -56,8 +56,20 @@ from vss.aggregate import aggregate_prediction_dirs, choose_per_video
 from vss.checkpoint import checkpoint_config, load_checkpoint
 from vss.config import Config
 from vss.data import normalize
-from vss.io import (atomic_path, write_json_atomic, DEFAULT_FPS, default_palette, IMAGE_EXTS, iter_eval_videos, load_class_names, read_frame, read_video, write_label_png, write_video)
 from vss.engine import AMP_DTYPES, resize_short_side
+from vss.io import (
+    atomic_path,
+    DEFAULT_FPS,
+    default_palette,
+    IMAGE_EXTS,
+    iter_eval_videos,
+    load_class_names,
+    read_frame,
+    read_video,
+    write_json_atomic,
+    write_label_png,
+    write_video,
+)
 from vss.semi import ensemble_pseudo_labels
 from vss.tta import run_tta, tta_views
 from vss.video_model import build_video_model, predict_video
@@ -117,91 +129,178 @@ def _scales(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
     if not scales or any(not TTA_SCALE_RANGE[0] <= s <= TTA_SCALE_RANGE[1] for s in scales):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"scales must be in {TTA_SCALE_RANGE[0]}..{TTA_SCALE_RANGE[1]} (x the test "
-                                         f"size) and not empty, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"scales must be in {TTA_SCALE_RANGE[0]}..{TTA_SCALE_RANGE[1]} (x the test "
+            f"size) and not empty, got {text!r}"
+        )
     return scales
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint to predict with (default without --ensemble/--aggregate: "
-                        "runs/default/last.pt beside infer.py); with --ensemble/--aggregate it is "
-                        "one more member")
-    g.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="CKPT",
-                   help="average the class probabilities of these checkpoints (any preset/stage; "
-                        "with --tta over models x views, mean merge)")
-    g.add_argument("--aggregate", type=Path, nargs="+", default=[], metavar="CKPT",
-                   help="candidates: per video keep the one whose labels have the highest mean "
-                        "flow-SSIM (MVC sec. 2.3); each runs with the same TTA settings")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off",
-                   help="autocast dtype of the forward passes (default off: fp32)")
-    g.add_argument("--test-size", type=int, default=None, metavar="N",
-                   help="short side of the frames given to the models (0 = original size; "
-                        "default: each checkpoint's config data.test_size)")
+    g.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint to predict with (default without --ensemble/--aggregate: "
+        "runs/default/last.pt beside infer.py); with --ensemble/--aggregate it is "
+        "one more member",
+    )
+    g.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="CKPT",
+        help="average the class probabilities of these checkpoints (any preset/stage; "
+        "with --tta over models x views, mean merge)",
+    )
+    g.add_argument(
+        "--aggregate",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="CKPT",
+        help="candidates: per video keep the one whose labels have the highest mean "
+        "flow-SSIM (MVC sec. 2.3); each runs with the same TTA settings",
+    )
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
+    g.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "off"),
+        default="off",
+        help="autocast dtype of the forward passes (default off: fp32)",
+    )
+    g.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="short side of the frames given to the models (0 = original size; "
+        "default: each checkpoint's config data.test_size)",
+    )
     g = p.add_argument_group("input (default: the embedded synthetic dataset, split val)")
-    g.add_argument("--data", type=Path, default=None, metavar="ROOT",
-                   help="VSPW-layout dataset root (ROOT/<split>.txt, ROOT/data/<video>/origin)")
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="ROOT",
+        help="VSPW-layout dataset root (ROOT/<split>.txt, ROOT/data/<video>/origin)",
+    )
     g.add_argument("--split", default="val", help="split name, ROOT/<split>.txt (default: val)")
-    g.add_argument("--video", type=Path, nargs="+", default=[], metavar="FILE_OR_DIR",
-                   help="video files (mp4, avi, ...) or frame folders instead of a dataset; "
-                        "outputs go to OUT/<file or folder stem>/")
+    g.add_argument(
+        "--video",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE_OR_DIR",
+        help="video files (mp4, avi, ...) or frame folders instead of a dataset; "
+        "outputs go to OUT/<file or folder stem>/",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: runs/default/pred beside infer.py); see the "
-                        "rule for an existing folder below")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete OUT first when it holds the predictions of another run")
-    g.add_argument("--overlay", action="store_true",
-                   help="also write colour overlays OUT/<video>/overlay/<frame>.jpg (and "
-                        "OUT/<video>.overlay.mp4 for video files)")
-    g.add_argument("--save-probs", action="store_true",
-                   help="also write OUT/<video>/<frame>.entropy.npy: (H,W) float16 per-pixel "
-                        "entropy (nats) of the averaged class distribution (pseudo labels)")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/default/pred beside infer.py); see the rule for an existing folder below",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="delete OUT first when it holds the predictions of another run"
+    )
+    g.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write colour overlays OUT/<video>/overlay/<frame>.jpg (and OUT/<video>.overlay.mp4 for video files)",
+    )
+    g.add_argument(
+        "--save-probs",
+        action="store_true",
+        help="also write OUT/<video>/<frame>.entropy.npy: (H,W) float16 per-pixel "
+        "entropy (nats) of the averaged class distribution (pseudo labels)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("test-time augmentation")
     g.add_argument("--tta", action="store_true", help="multi-scale + flip views of every video")
-    g.add_argument("--tta-scales", type=_scales, default=TTA_SCALE_SETS["mvc"], metavar="S,S,...",
-                   help="view scales relative to the test size, or a named set: mvc = 0.9,1.0,1.1,1.2 (the "
-                        "default, MVC paper), u2pl = 512/896..1408/896 in steps of 128/896 (PVUW 1st place)")
-    g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the horizontally flipped view of every scale (default: on)")
-    g.add_argument("--tta-merge", choices=("vote", "mean"), default=None,
-                   help="vote: per-pixel mode, ties to the highest resolution (MVC); mean: average "
-                        "probabilities (U2PL). Default vote; mean with --ensemble/--save-probs")
+    g.add_argument(
+        "--tta-scales",
+        type=_scales,
+        default=TTA_SCALE_SETS["mvc"],
+        metavar="S,S,...",
+        help="view scales relative to the test size, or a named set: mvc = 0.9,1.0,1.1,1.2 (the "
+        "default, MVC paper), u2pl = 512/896..1408/896 in steps of 128/896 (PVUW 1st place)",
+    )
+    g.add_argument(
+        "--tta-flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the horizontally flipped view of every scale (default: on)",
+    )
+    g.add_argument(
+        "--tta-merge",
+        choices=("vote", "mean"),
+        default=None,
+        help="vote: per-pixel mode, ties to the highest resolution (MVC); mean: average "
+        "probabilities (U2PL). Default vote; mean with --ensemble/--save-probs",
+    )
     g = p.add_argument_group("aggregation of prediction folders (no model)")
-    g.add_argument("--aggregate-preds", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="per video, copy the predictions of the folder with the highest mean "
-                        "flow-SSIM into --out (needs --out; frames from --data/--split)")
+    g.add_argument(
+        "--aggregate-preds",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="per video, copy the predictions of the folder with the highest mean "
+        "flow-SSIM into --out (needs --out; frames from --data/--split)",
+    )
     g = p.add_argument_group("VLM post-processing (MVC sec. 2.5; nothing is sent without --vlm)")
-    g.add_argument("--vlm", action="store_true",
-                   help="relabel ambiguous-class regions with a multimodal LLM (OpenAI-compatible "
-                        "API; key from OPENAI_API_KEY, never printed); failures keep the labels")
+    g.add_argument(
+        "--vlm",
+        action="store_true",
+        help="relabel ambiguous-class regions with a multimodal LLM (OpenAI-compatible "
+        "API; key from OPENAI_API_KEY, never printed); failures keep the labels",
+    )
     g.add_argument("--vlm-model", default="gpt-4o", help="chat model name (default: gpt-4o)")
-    g.add_argument("--vlm-base-url", default=None,
-                   help="server URL, e.g. http://localhost:8000/v1 for vLLM (default: OpenAI)")
-    g.add_argument("--vlm-groups", type=Path, default=None,
-                   help="groups file (default: the shipped VSPW groups, vss/vlm_groups.json)")
-    g.add_argument("--vlm-cache", type=Path, default=None,
-                   help="folder of cached answers (default: OUT/vlm_cache)")
+    g.add_argument(
+        "--vlm-base-url", default=None, help="server URL, e.g. http://localhost:8000/v1 for vLLM (default: OpenAI)"
+    )
+    g.add_argument(
+        "--vlm-groups",
+        type=Path,
+        default=None,
+        help="groups file (default: the shipped VSPW groups, vss/vlm_groups.json)",
+    )
+    g.add_argument("--vlm-cache", type=Path, default=None, help="folder of cached answers (default: OUT/vlm_cache)")
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations that have no meaning (argparse error, exit 2)."""
     if args.aggregate_preds:
-        used = [f for f, v in (("--checkpoint", args.checkpoint), ("--ensemble", args.ensemble),
-                               ("--aggregate", args.aggregate), ("--video", args.video), ("--tta", args.tta),
-                               ("--vlm", args.vlm), ("--save-probs", args.save_probs),
-                               ("--overlay", args.overlay)) if v]
+        used = [
+            f
+            for f, v in (
+                ("--checkpoint", args.checkpoint),
+                ("--ensemble", args.ensemble),
+                ("--aggregate", args.aggregate),
+                ("--video", args.video),
+                ("--tta", args.tta),
+                ("--vlm", args.vlm),
+                ("--save-probs", args.save_probs),
+                ("--overlay", args.overlay),
+            )
+            if v
+        ]
         if used:
-            parser.error("--aggregate-preds combines prediction folders without a model; "
-                         f"drop {', '.join(used)}")
+            parser.error(f"--aggregate-preds combines prediction folders without a model; drop {', '.join(used)}")
         if args.out is None:
             parser.error("--aggregate-preds needs --out")
         return
@@ -247,8 +346,7 @@ def load_member(path: Path, device: torch.device, test_size: int | None) -> Memb
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
         detail = str(e).split("\n")[0][:300]
-        raise ValueError(f"checkpoint {path}: weights do not fit its {ckpt['stage']!r} model "
-                         f"({detail})") from None
+        raise ValueError(f"checkpoint {path}: weights do not fit its {ckpt['stage']!r} model ({detail})") from None
     model.to(device).eval()
     size = cfg.data.test_size if test_size is None else test_size
     palette = ckpt.get("palette")
@@ -262,8 +360,9 @@ def model_paths(args: argparse.Namespace) -> list[Path]:
     if paths:
         return paths
     if not DEFAULT_CHECKPOINT.is_file():
-        raise FileNotFoundError(f"no checkpoint at {DEFAULT_CHECKPOINT}: run python train.py first "
-                                "(or pass --checkpoint PATH)")
+        raise FileNotFoundError(
+            f"no checkpoint at {DEFAULT_CHECKPOINT}: run python train.py first (or pass --checkpoint PATH)"
+        )
     return [DEFAULT_CHECKPOINT]
 
 
@@ -280,15 +379,15 @@ def class_list(members: Sequence[Member], data_root: Path | None) -> tuple[list[
         source = source if source.is_file() else f"{data_root} (no classes.json: the 124 VSPW classes)"
         for path, k in k_by_path.items():
             if k != len(names):
-                raise ValueError(f"checkpoint {path} predicts {k} classes but the dataset has "
-                                 f"{len(names)} ({source})")
+                raise ValueError(f"checkpoint {path} predicts {k} classes but the dataset has {len(names)} ({source})")
     else:
         if len(set(k_by_path.values())) != 1:
             raise ValueError(f"the checkpoints predict different numbers of classes: {k_by_path}")
         k = next(iter(k_by_path.values()))
         if members[0].class_names is not None and len(members[0].class_names) == k:
-            return list(members[0].class_names), (members[0].palette if members[0].palette is not None
-                                                  else default_palette(k))
+            return list(members[0].class_names), (
+                members[0].palette if members[0].palette is not None else default_palette(k)
+            )
         names, palette = load_class_names(None)
         if len(names) != k:
             names, palette = [f"class_{i}" for i in range(k)], None
@@ -307,9 +406,12 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
     out_size = tuple(images.shape[1:3])
     num_classes = member.cfg.model.num_classes
     if opts.tta is None:
-        frames = normalize(resize_short_side(images, member.test_size, member.cfg.data.max_size), member.cfg.data)  # (T,3,h,w)
-        out = predict_video(member.model, frames.to(opts.device), out_size, return_probs=need_probs,
-                            autocast_dtype=opts.amp_dtype)
+        frames = normalize(
+            resize_short_side(images, member.test_size, member.cfg.data.max_size), member.cfg.data
+        )  # (T,3,h,w)
+        out = predict_video(
+            member.model, frames.to(opts.device), out_size, return_probs=need_probs, autocast_dtype=opts.amp_dtype
+        )
     else:
         # Every view is made from the original frames (short side = scale x the test size, as
         # multi-scale tests resize the original image) and predicted straight at the original
@@ -319,22 +421,31 @@ def model_prediction(member: Member, images: np.ndarray, opts: Options, need_pro
 
         def view_frames(scale: float) -> torch.Tensor:  # (T,3,h,w) at scale x the test size
             size = max(1, round(base * scale))  # the long-side cap scales with the view
-            return normalize(resize_short_side(images, size, member.cfg.data.max_size * scale), member.cfg.data).to(opts.device)
+            return normalize(resize_short_side(images, size, member.cfg.data.max_size * scale), member.cfg.data).to(
+                opts.device
+            )
 
         def predict_fn(view: torch.Tensor) -> torch.Tensor:  # (T,3,h,w) -> (T,K,H0,W0)
-            out = predict_video(member.model, view, out_size, return_probs=True,
-                                autocast_dtype=opts.amp_dtype)
+            out = predict_video(member.model, view, out_size, return_probs=True, autocast_dtype=opts.amp_dtype)
             return out["probs"]
 
         merge = "mean" if need_probs else opts.tta["merge"]
-        out = run_tta(predict_fn, view_frames, num_classes=num_classes, scales=opts.tta["scales"],
-                      flip=opts.tta["flip"], merge=merge, out_size=out_size)
+        out = run_tta(
+            predict_fn,
+            view_frames,
+            num_classes=num_classes,
+            scales=opts.tta["scales"],
+            flip=opts.tta["flip"],
+            merge=merge,
+            out_size=out_size,
+        )
     probs = out["probs"].float().cpu() if need_probs else None
     return {"labels": out["labels"].cpu(), "probs": probs}
 
 
-def ensemble_prediction(members: Sequence[Member], images: np.ndarray, opts: Options,
-                        need_entropy: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def ensemble_prediction(
+    members: Sequence[Member], images: np.ndarray, opts: Options, need_entropy: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels (and entropy) of the mean class distribution of the members (one member: its own),
     by ``vss.semi.ensemble_pseudo_labels`` over the members' predictions one at a time.
 
@@ -349,11 +460,9 @@ def ensemble_prediction(members: Sequence[Member], images: np.ndarray, opts: Opt
     return labels.numpy().astype(np.uint8), entropy.numpy().astype(np.float16) if need_entropy else None
 
 
-def aggregate_prediction(members: Sequence[Member], images: np.ndarray, opts: Options
-                         ) -> tuple[np.ndarray, dict]:
+def aggregate_prediction(members: Sequence[Member], images: np.ndarray, opts: Options) -> tuple[np.ndarray, dict]:
     """Every candidate's labels; the most temporally consistent one per video (MVC sec. 2.3)."""
-    candidates = {str(m.path): model_prediction(m, images, opts, need_probs=False)["labels"].numpy()
-                  for m in members}
+    candidates = {str(m.path): model_prediction(m, images, opts, need_probs=False)["labels"].numpy() for m in members}
     choice, scores = choose_per_video(candidates, images, num_classes=members[0].cfg.model.num_classes)
     return candidates[choice].astype(np.uint8), {"scores": scores, "choice": choice}
 
@@ -391,8 +500,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[list[VideoInput], Path | N
             from vss.synthetic import ensure_default_dataset  # only the default run renders it
 
             root = ensure_default_dataset()
-        videos = [VideoInput(v.name, root / "data" / v.name, v.frames)
-                  for v in iter_eval_videos(root, args.split)]
+        videos = [VideoInput(v.name, root / "data" / v.name, v.frames) for v in iter_eval_videos(root, args.split)]
         return videos, Path(root)
     videos = []
     for path in args.video:
@@ -459,8 +567,12 @@ def inputs_identity(videos: Sequence[VideoInput], root: Path | None, split: str 
         files = video.frame_paths if video.frame_paths is not None else [video.source]
         stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
         digest.update(json.dumps([video.name, str(Path(video.source).resolve()), stats]).encode())
-    return {"data": str(root.resolve()) if root is not None else None, "split": split if root is not None else None,
-            "videos": len(videos), "digest": digest.hexdigest()[:16]}
+    return {
+        "data": str(root.resolve()) if root is not None else None,
+        "split": split if root is not None else None,
+        "videos": len(videos),
+        "digest": digest.hexdigest()[:16],
+    }
 
 
 def run_settings(args: argparse.Namespace, members: Sequence[Member], inputs: dict) -> dict:
@@ -471,8 +583,11 @@ def run_settings(args: argparse.Namespace, members: Sequence[Member], inputs: di
     if args.vlm:
         from vss.vlm import default_groups_path
 
-        vlm = {"model": args.vlm_model, "base_url": args.vlm_base_url,
-               "groups": file_identity(args.vlm_groups or default_groups_path())}
+        vlm = {
+            "model": args.vlm_model,
+            "base_url": args.vlm_base_url,
+            "groups": file_identity(args.vlm_groups or default_groups_path()),
+        }
     mode = "aggregate" if args.aggregate else "ensemble" if len(members) > 1 else "single"
     return {"mode": mode, "models": models, "tta": tta, "amp": args.amp, "vlm": vlm, "inputs": inputs}
 
@@ -502,13 +617,16 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool, inputs: Sequence
     same = old is not None and old.get("fingerprint") == new_fp
     if out.is_dir() and any(out.iterdir()) and (overwrite or not same):
         if old is None:
-            raise ValueError(f"{out} is not empty and has no run.json (not written by infer.py); "
-                             "choose another --out or empty it")
+            raise ValueError(
+                f"{out} is not empty and has no run.json (not written by infer.py); choose another --out or empty it"
+            )
         if not overwrite:
             before = old.get("settings") if isinstance(old.get("settings"), dict) else {}
             changed = ", ".join(k for k in settings if before.get(k) != settings[k]) or "settings"
-            raise ValueError(f"{out} holds the predictions of another run (different {changed}); "
-                             "pass --overwrite to clear it or choose another --out")
+            raise ValueError(
+                f"{out} holds the predictions of another run (different {changed}); "
+                "pass --overwrite to clear it or choose another --out"
+            )
         inside = [p for p in inputs if Path(p).resolve().is_relative_to(out.resolve())]
         if inside:
             raise ValueError(f"--overwrite would delete {out}, which holds the input {inside[0]}")
@@ -520,8 +638,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool, inputs: Sequence
     return dict(report.get("videos", {})) if report else {}
 
 
-def expected_outputs(out: Path, video: VideoInput, names: Sequence[str],
-                     args: argparse.Namespace) -> list[Path]:
+def expected_outputs(out: Path, video: VideoInput, names: Sequence[str], args: argparse.Namespace) -> list[Path]:
     """Every file a finished video has (a video missing any of them is predicted again)."""
     vdir = out / video.name
     paths = [vdir / f"{n}.png" for n in names]
@@ -534,8 +651,7 @@ def expected_outputs(out: Path, video: VideoInput, names: Sequence[str],
     return paths
 
 
-def finished(out: Path, video: VideoInput, names: Sequence[str] | None, report: dict,
-             args: argparse.Namespace) -> bool:
+def finished(out: Path, video: VideoInput, names: Sequence[str] | None, report: dict, args: argparse.Namespace) -> bool:
     """True for a video of the resumed run (in its report) whose every output file exists.
 
     Args:
@@ -556,8 +672,17 @@ def colour_overlay(images: np.ndarray, labels: np.ndarray, palette: np.ndarray) 
     return np.round(blend).astype(np.uint8)
 
 
-def write_outputs(out: Path, video: VideoInput, names: Sequence[str], images: np.ndarray, labels: np.ndarray,
-                  entropy: np.ndarray | None, palette: np.ndarray, overlay: bool, fps: float) -> None:
+def write_outputs(
+    out: Path,
+    video: VideoInput,
+    names: Sequence[str],
+    images: np.ndarray,
+    labels: np.ndarray,
+    entropy: np.ndarray | None,
+    palette: np.ndarray,
+    overlay: bool,
+    fps: float,
+) -> None:
     """Label PNGs (+ entropies, overlays) of one video; every file is written atomically."""
     vdir = out / video.name
     for t, name in enumerate(names):
@@ -597,20 +722,32 @@ def make_vlm(args: argparse.Namespace, class_names: Sequence[str], out: Path) ->
     cache = args.vlm_cache or out / "vlm_cache"
 
     def correct(images: np.ndarray, labels: np.ndarray, video: str) -> tuple[np.ndarray, dict]:
-        return vlm.correct_video(images, labels, class_names, groups, client, model=args.vlm_model,
-                                 video_name=video, cache_dir=cache)
+        return vlm.correct_video(
+            images, labels, class_names, groups, client, model=args.vlm_model, video_name=video, cache_dir=cache
+        )
 
     return correct
 
 
-def predict_one(video: VideoInput, members: Sequence[Member], args: argparse.Namespace, opts: Options,
-                palette: np.ndarray, vlm_fn: Callable | None, out: Path) -> dict:
+def predict_one(
+    video: VideoInput,
+    members: Sequence[Member],
+    args: argparse.Namespace,
+    opts: Options,
+    palette: np.ndarray,
+    vlm_fn: Callable | None,
+    out: Path,
+) -> dict:
     """Predict, aggregate or ensemble, correct, and write one video; its report entry."""
     start = time.perf_counter()
     images, names, fps = load_frames(video)  # (T,H0,W0,3)
     views = len(tta_views(opts.tta["scales"], opts.tta["flip"])) if opts.tta else 1
-    entry: dict = {"frames": len(names), "views": views, "merge": opts.tta["merge"] if opts.tta else None,
-                   "members": [str(m.path) for m in members]}
+    entry: dict = {
+        "frames": len(names),
+        "views": views,
+        "merge": opts.tta["merge"] if opts.tta else None,
+        "members": [str(m.path) for m in members],
+    }
     if args.aggregate:
         labels, entry["aggregation"] = aggregate_prediction(members, images, opts)
         entropy = None
@@ -630,16 +767,20 @@ def run_aggregate_preds(args: argparse.Namespace) -> None:
     for d in args.aggregate_preds:
         if not d.is_dir():
             raise FileNotFoundError(f"prediction folder not found: {d}")
-    settings = {"mode": "aggregate-preds", "dirs": [str(d.resolve()) for d in args.aggregate_preds],
-                "inputs": inputs_identity(videos, root, args.split)}
+    settings = {
+        "mode": "aggregate-preds",
+        "dirs": [str(d.resolve()) for d in args.aggregate_preds],
+        "inputs": inputs_identity(videos, root, args.split),
+    }
     report = prepare_out_dir(args.out, settings, args.overwrite, [*args.aggregate_preds, root])
     num_classes = len(load_class_names(root)[0])
     for video in tqdm(videos, desc="aggregate", unit="video", disable=args.no_progress):
         names = _stems(video)
         if finished(args.out, video, names, report, args):
             continue
-        result = aggregate_prediction_dirs(args.aggregate_preds, {video.name: video.frame_paths}, args.out,
-                                           num_classes=num_classes, progress=False)
+        result = aggregate_prediction_dirs(
+            args.aggregate_preds, {video.name: video.frame_paths}, args.out, num_classes=num_classes, progress=False
+        )
         report[video.name] = {"frames": len(names), "aggregation": result[video.name]}
         write_json_atomic(args.out / "report.json", {"settings": settings, "videos": report})
 

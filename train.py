@@ -36,32 +36,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from functools import partial
 import json
 import math
+from pathlib import Path
 import signal
 import sys
 import time
 import traceback
-from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from vss.checkpoint import (InitWeights, RunInfo, StopRequest, check_resume, checkpoint_config, load_init_weights,
-                            load_resume_checkpoint, read_init, restore_training, save_training)
-from vss.config import PRESETS, Config, get_preset, migrate_config
-from vss.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
-                             init_distributed, is_main, print0)
-from vss.engine import (BudgetClock, NonFiniteLossError, build_optimizer, build_scheduler, continue_log,
-                        evaluate_video_model, fit_iters, log_json, lr_milestones, make_autocast, memory_mb, train_step)
+from vss.checkpoint import (
+    check_resume,
+    checkpoint_config,
+    InitWeights,
+    load_init_weights,
+    load_resume_checkpoint,
+    read_init,
+    restore_training,
+    RunInfo,
+    save_training,
+    StopRequest,
+)
+from vss.config import Config, get_preset, migrate_config, PRESETS
+from vss.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup,
+    DistInfo,
+    init_distributed,
+    is_main,
+    print0,
+)
+from vss.engine import (
+    BudgetClock,
+    build_optimizer,
+    build_scheduler,
+    continue_log,
+    evaluate_video_model,
+    fit_iters,
+    log_json,
+    lr_milestones,
+    make_autocast,
+    memory_mb,
+    NonFiniteLossError,
+    train_step,
+)
 from vss.io import default_palette, iter_eval_videos, load_class_names, remove_stale_temporaries
 from vss.mvc import mvc_settings
 from vss.sampler import build_loader, step_seed
 from vss.semi_stage import bank_fill
 from vss.stages import STAGES, video_core
-from vss.synthetic import TRAIN_ITERS, TRAIN_SIZES, ensure_default_dataset
+from vss.synthetic import ensure_default_dataset, TRAIN_ITERS, TRAIN_SIZES
 
 FIT_STEPS = 10  # steps timed (after this process's first) before a schedule is fitted to --time-budget
 
@@ -69,8 +100,9 @@ FIT_STEPS = 10  # steps timed (after this process's first) before a schedule is 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and data")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="config preset (default: the --init checkpoint's config, else tiny)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), help="config preset (default: the --init checkpoint's config, else tiny)"
+    )
     g.add_argument("--config", type=Path, help="a config JSON (e.g. a run's config.json); replaces --preset")
     g.add_argument("--data", type=Path, help="VSPW-layout root (default: the embedded synthetic data)")
     g.add_argument("--split", help="training split (default train)")
@@ -78,20 +110,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, help="K (default: the dataset's classes.json, else VSPW's 124)")
     g.add_argument("--stage", default="segmenter", choices=sorted(STAGES), help="training stage (default segmenter)")
     g.add_argument("--backbone-weights", type=Path, help="torchvision ResNet / DINOv2 state dict")
-    g.add_argument("--init", type=Path,
-                   help="weights to start from: a vss checkpoint (an earlier stage, this stage, or any stage "
-                        "for --stage semi) or a segmenter state dict")
-    g.add_argument("--extra", action="append", metavar="ROOT:MAPFILE",
-                   help="an extra image dataset (label_remap layout) and its label map file, mixed into the "
-                        "labelled stream (segmenter/semi stages; repeatable)")
-    g.add_argument("--extra-ratio", type=float, metavar="R",
-                   help="fraction of labelled slots taken from --extra images (default: proportional to the "
-                        "numbers of videos and images)")
+    g.add_argument(
+        "--init",
+        type=Path,
+        help="weights to start from: a vss checkpoint (an earlier stage, this stage, or any stage "
+        "for --stage semi) or a segmenter state dict",
+    )
+    g.add_argument(
+        "--extra",
+        action="append",
+        metavar="ROOT:MAPFILE",
+        help="an extra image dataset (label_remap layout) and its label map file, mixed into the "
+        "labelled stream (segmenter/semi stages; repeatable)",
+    )
+    g.add_argument(
+        "--extra-ratio",
+        type=float,
+        metavar="R",
+        help="fraction of labelled slots taken from --extra images (default: proportional to the "
+        "numbers of videos and images)",
+    )
     g = p.add_argument_group("schedule and sizes (override the config)")
     g.add_argument("--frames", type=int, help="frames per clip T of this stage (default: the config's)")
     g.add_argument("--batch", type=int, help="clips per rank and micro-batch")
-    g.add_argument("--accum", type=int, default=1,
-                   help="micro-batches per step (default 1); global batch = ranks x accum x batch")
+    g.add_argument(
+        "--accum", type=int, default=1, help="micro-batches per step (default 1); global batch = ranks x accum x batch"
+    )
     g.add_argument("--iters", type=int, help="training steps (the LR schedule's length)")
     g.add_argument("--lr", type=float, help="base learning rate")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
@@ -99,54 +143,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-size", type=int, help="evaluation short side (0 = original size)")
     g.add_argument("--points", type=int, help="points per mask (matching and mask losses)")
     g.add_argument("--amp", choices=["fp16", "bf16", "off"], help="mixed precision (default fp16 on CUDA, off on CPU)")
-    g.add_argument("--ctvis", action=argparse.BooleanOptionalAction,
-                   help="stage 1: CTVIS contrastive loss on the reid embeddings across the clip's frames (default: "
-                        "the config's; on for r50/vitl)")
+    g.add_argument(
+        "--ctvis",
+        action=argparse.BooleanOptionalAction,
+        help="stage 1: CTVIS contrastive loss on the reid embeddings across the clip's frames (default: "
+        "the config's; on for r50/vitl)",
+    )
     g.add_argument("--seed", type=int, help="seed of the initialisation, data order and sampling (default 0)")
     g = p.add_argument_group("masked video consistency (MVC paper section 2.2)")
-    g.add_argument("--mvc", action=argparse.BooleanOptionalAction,
-                   help="add the loss on patch-masked frames (default off)")
+    g.add_argument(
+        "--mvc", action=argparse.BooleanOptionalAction, help="add the loss on patch-masked frames (default off)"
+    )
     g.add_argument("--mvc-patch", type=int, help="patch size b (default 64 x base_size / 480)")
     g.add_argument("--mvc-ratio", type=float, help="mask ratio r, the fraction of hidden patches (default 0.7)")
     g.add_argument("--mvc-weight", type=float, help="weight lambda of the masked-frames loss (default 1)")
     g = p.add_argument_group("semi-supervised stage (--stage semi; U2PL)")
-    g.add_argument("--pseudo", type=Path, metavar="DIR",
-                   help="pseudo labels + entropies of the unlabelled split (infer.py --ensemble A B --tta "
-                        "--tta-merge mean --save-probs --out DIR)")
+    g.add_argument(
+        "--pseudo",
+        type=Path,
+        metavar="DIR",
+        help="pseudo labels + entropies of the unlabelled split (infer.py --ensemble A B --tta "
+        "--tta-merge mean --save-probs --out DIR)",
+    )
     g.add_argument("--unlabeled-split", help="split of the unlabelled videos (default test)")
-    g.add_argument("--unlabeled-data", type=Path, metavar="ROOT",
-                   help="VSPW-layout root of the unlabelled videos (default: --data)")
+    g.add_argument(
+        "--unlabeled-data",
+        type=Path,
+        metavar="ROOT",
+        help="VSPW-layout root of the unlabelled videos (default: --data)",
+    )
     g.add_argument("--unsup-weight", type=float, help="lambda_u of the pseudo-label set loss (default 1)")
-    g.add_argument("--contrastive-weight", type=float,
-                   help="lambda_c of the U2PL contrastive loss (default 0.1, the paper's)")
-    g.add_argument("--drop-percent", type=float,
-                   help="U2PL drop_percent: reliable percentile at the start, -> 100 (default 80)")
-    g.add_argument("--entropy-alpha", type=float,
-                   help="U2PL alpha_0: %% of lowest/highest-entropy pixels for anchors/negatives, -> 0 (default 20)")
+    g.add_argument(
+        "--contrastive-weight", type=float, help="lambda_c of the U2PL contrastive loss (default 0.1, the paper's)"
+    )
+    g.add_argument(
+        "--drop-percent", type=float, help="U2PL drop_percent: reliable percentile at the start, -> 100 (default 80)"
+    )
+    g.add_argument(
+        "--entropy-alpha",
+        type=float,
+        help="U2PL alpha_0: %% of lowest/highest-entropy pixels for anchors/negatives, -> 0 (default 20)",
+    )
     g.add_argument("--ema-decay", type=float, help="teacher EMA decay (default 0.99)")
-    g.add_argument("--cutmix", action=argparse.BooleanOptionalAction,
-                   help="U2PL's CutMix of the unlabelled clips, one box per clip in all its frames (default off)")
-    g.add_argument("--bank-size", type=int,
-                   help="memory-bank keys per class, 1 KiB each, in RAM on every rank and in every checkpoint "
-                        "(default 30000, U2PL's, for the r50/vitl presets: ~3.8 GB with VSPW's 124 classes; "
-                        "4096 for tiny)")
+    g.add_argument(
+        "--cutmix",
+        action=argparse.BooleanOptionalAction,
+        help="U2PL's CutMix of the unlabelled clips, one box per clip in all its frames (default off)",
+    )
+    g.add_argument(
+        "--bank-size",
+        type=int,
+        help="memory-bank keys per class, 1 KiB each, in RAM on every rank and in every checkpoint "
+        "(default 30000, U2PL's, for the r50/vitl presets: ~3.8 GB with VSPW's 124 classes; "
+        "4096 for tiny)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     g.add_argument("--resume", help="'auto' (OUT/last.pt if it exists) or a checkpoint path")
-    g.add_argument("--eval-every", type=int, default=200, help="validate every N steps and at the end (default 200, 0: off)")
-    g.add_argument("--save-every", type=int, default=200,
-                   help="save last.pt every N steps (default 200; 0: at evaluations and the end)")
+    g.add_argument(
+        "--eval-every", type=int, default=200, help="validate every N steps and at the end (default 200, 0: off)"
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=200,
+        help="save last.pt every N steps (default 200; 0: at evaluations and the end)",
+    )
     g.add_argument("--stop-at", type=int, help="save and exit after this step (the LR schedule still spans --iters)")
-    g.add_argument("--time-budget", type=float, metavar="MIN",
-                   help="fit the schedule (steps and LR drops) to MIN CPU-minutes of setup and training (all threads "
-                        "of the process; validation not counted), from the step time of the first steps; "
-                        "replaces --iters")
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MIN",
+        help="fit the schedule (steps and LR drops) to MIN CPU-minutes of setup and training (all threads "
+        "of the process; validation not counted), from the step time of the first steps; "
+        "replaces --iters",
+    )
     g.add_argument("--log-every", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--workers", type=int, default=2, help="data-loader processes per rank (default 2)")
-    g.add_argument("--print-config", action="store_true",
-                   help="print the run's resolved config as JSON and exit (nothing is trained or written)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="device (default auto: CUDA when available)")
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the run's resolved config as JSON and exit (nothing is trained or written)",
+    )
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)"
+    )
     return p
 
 
@@ -199,21 +280,36 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
     cfg = Config.from_dict(cfg.to_dict())
     cfg.model.num_classes = num_classes
     path = lambda p: None if p is None else str(p)  # noqa: E731
-    _set(cfg.train, stage=args.stage, seed=args.seed, split=args.split, extra_ratio=args.extra_ratio,
-         extra=tuple(args.extra) if args.extra else None)
+    _set(
+        cfg.train,
+        stage=args.stage,
+        seed=args.seed,
+        split=args.split,
+        extra_ratio=args.extra_ratio,
+        extra=tuple(args.extra) if args.extra else None,
+    )
     _set(cfg.stage, frames=args.frames)
     _set(cfg.optim, batch=args.batch, iters=args.iters, lr=args.lr)
     if args.time_budget is not None and args.time_budget != cfg.optim.time_budget:
         cfg.optim.time_budget, cfg.optim.iters = args.time_budget, 0  # fitted after the first steps
-    _set(cfg.data, crop_size=tuple(args.crop) if args.crop else None, base_size=args.base_size,
-         test_size=args.test_size)
+    _set(
+        cfg.data, crop_size=tuple(args.crop) if args.crop else None, base_size=args.base_size, test_size=args.test_size
+    )
     _set(cfg.loss, num_points=args.points, ctvis=args.ctvis)
     _set(cfg.mvc, enabled=args.mvc, patch_size=args.mvc_patch, ratio=args.mvc_ratio, weight=args.mvc_weight)
-    _set(cfg.semi, pseudo=path(args.pseudo), unlabeled_split=args.unlabeled_split,
-         unlabeled_data=path(args.unlabeled_data), unsup_weight=args.unsup_weight,
-         contrastive_weight=args.contrastive_weight, drop_percent=args.drop_percent,
-         entropy_alpha=args.entropy_alpha, ema_decay=args.ema_decay, bank_size=args.bank_size,
-         cutmix=args.cutmix)
+    _set(
+        cfg.semi,
+        pseudo=path(args.pseudo),
+        unlabeled_split=args.unlabeled_split,
+        unlabeled_data=path(args.unlabeled_data),
+        unsup_weight=args.unsup_weight,
+        contrastive_weight=args.contrastive_weight,
+        drop_percent=args.drop_percent,
+        entropy_alpha=args.entropy_alpha,
+        ema_decay=args.ema_decay,
+        bank_size=args.bank_size,
+        cutmix=args.cutmix,
+    )
     return cfg
 
 
@@ -233,8 +329,9 @@ def base_config(args: argparse.Namespace, num_classes: int, init: InitWeights | 
         except (ValueError, TypeError) as e:
             raise ValueError(f"--init {init.path}: unreadable config ({e})") from None
         if cfg.model.num_classes != num_classes:
-            raise ValueError(f"--init {init.path} predicts {cfg.model.num_classes} classes but the data has "
-                             f"{num_classes}")
+            raise ValueError(
+                f"--init {init.path} predicts {cfg.model.num_classes} classes but the data has {num_classes}"
+            )
         # The model and recipe come from the checkpoint; what its run did (stage, seed, data, MVC, semi,
         # a time budget) does not carry over to the next stage.
         fresh = get_preset(cfg.name) if cfg.name in PRESETS else Config()
@@ -260,8 +357,9 @@ def resolve_data(args: argparse.Namespace) -> Path:
     return ensure_default_dataset()
 
 
-def prepare_run(args: argparse.Namespace, dist: DistInfo) -> tuple[Path, Config, dict | None, InitWeights | None,
-                                                                     RunInfo]:
+def prepare_run(
+    args: argparse.Namespace, dist: DistInfo
+) -> tuple[Path, Config, dict | None, InitWeights | None, RunInfo]:
     """Data, the checkpoint to resume (or the --init weights), the run's config, the output folder.
 
     Returns:
@@ -294,9 +392,22 @@ def prepare_run(args: argparse.Namespace, dist: DistInfo) -> tuple[Path, Config,
 class Training:
     """The live objects of a run: model, loss, optimiser, schedule, mixed precision."""
 
-    def __init__(self, args: argparse.Namespace, cfg: Config, ckpt: dict | None, init: InitWeights | None,
-                 info: RunInfo, dist: DistInfo):
-        self.stage, self.cfg, self.info, self.out, self.device = STAGES[cfg.train.stage], cfg, info, args.out, dist.device
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cfg: Config,
+        ckpt: dict | None,
+        init: InitWeights | None,
+        info: RunInfo,
+        dist: DistInfo,
+    ):
+        self.stage, self.cfg, self.info, self.out, self.device = (
+            STAGES[cfg.train.stage],
+            cfg,
+            info,
+            args.out,
+            dist.device,
+        )
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model_stage = self.stage.model_stage(ckpt["stage"] if ckpt else init and init.stage)
         self.model, self.criterion = self.stage.build(cfg, model_stage)
@@ -313,22 +424,36 @@ class Training:
         self.start, self.best_miou = 0, None
         self.clock = BudgetClock(60 * ckpt.get("cpu_minutes", 0.0) if ckpt else 0.0)
         if ckpt is not None:
-            self.start, self.best_miou = restore_training(ckpt, rank=dist.rank, world_size=dist.world_size,
-                                                          **self.states())
+            self.start, self.best_miou = restore_training(
+                ckpt, rank=dist.rank, world_size=dist.world_size, **self.states()
+            )
             print0(f"resumed at step {self.start}")
         self.ddp = self.model
         if dist.enabled:
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            )
 
     def states(self) -> dict:
-        return {"model": self.model, "criterion": self.criterion, "optimizer": self.optimizer,
-                "scheduler": self.scheduler, "scaler": self.scaler}
+        return {
+            "model": self.model,
+            "criterion": self.criterion,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+        }
 
     def save(self, name: str, step: int) -> None:
         """OUT/name (collective; rank 0 writes)."""
-        save_training(self.out / name, cfg=self.cfg, step=step, best_miou=self.best_miou, info=self.info,
-                      cpu_minutes=self.clock.seconds() / 60, **self.states())
+        save_training(
+            self.out / name,
+            cfg=self.cfg,
+            step=step,
+            best_miou=self.best_miou,
+            info=self.info,
+            cpu_minutes=self.clock.seconds() / 60,
+            **self.states(),
+        )
 
     def micro_batch_loss(self, model: nn.Module, micro: tuple[int, dict], step: int) -> dict[str, torch.Tensor]:
         """``train_step``'s loss_fn: the stage's loss terms of one (seed, batch) micro-batch."""
@@ -339,9 +464,16 @@ class Training:
     def validate(self, step: int, videos: list, device: torch.device) -> float:
         """Val metrics on every rank (with rank 0's BatchNorm statistics), logged; returns the mIoU."""
         broadcast_buffers(self.model)
-        metrics = evaluate_video_model(video_core(self.model), videos, self.cfg.data, self.cfg.model.num_classes,
-                                       amp=self.amp, device=device, class_names=self.info.class_names,
-                                       progress=is_main())
+        metrics = evaluate_video_model(
+            video_core(self.model),
+            videos,
+            self.cfg.data,
+            self.cfg.model.num_classes,
+            amp=self.amp,
+            device=device,
+            class_names=self.info.class_names,
+            progress=is_main(),
+        )
         self.model.train()  # predict_video restores the core's mode, not the stage's
         log(self.out, {"step": step, "val": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         print0(f"step {step}: val mIoU {metrics['mIoU']:.4f} VC8 {metrics['VC8']:.4f} VC16 {metrics['VC16']:.4f}")
@@ -360,16 +492,28 @@ def log(out: Path, record: dict) -> None:
         log_json(out / "log.jsonl", record)
 
 
-def log_train_step(tr: Training, step: int, out: dict, clips_per_s: float, world_size: int,
-                   device: torch.device) -> float:
+def log_train_step(
+    tr: Training, step: int, out: dict, clips_per_s: float, world_size: int, device: torch.device
+) -> float:
     """Log the losses averaged over ranks (collective), LR, grad norm, speed, memory, CPU time;
     returns the mean loss."""
     keys = [k for k in out if k not in ("skipped", "grad_norm", "lr")]
     mean = (all_reduce_sum(torch.tensor([out[k] for k in keys])) / world_size).tolist()
     extra = {"bank_keys": bank_fill(tr.criterion)} if tr.stage.name == "semi" else {}
-    log(tr.out, {"step": step, **dict(zip(keys, mean)), "lr": out["lr"], "grad_norm": out["grad_norm"],
-                 "skipped": out["skipped"], "clips_per_s": clips_per_s, "mem_mb": memory_mb(device),
-                 "cpu_min": time.process_time() / 60, **extra})
+    log(
+        tr.out,
+        {
+            "step": step,
+            **dict(zip(keys, mean)),
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            "skipped": out["skipped"],
+            "clips_per_s": clips_per_s,
+            "mem_mb": memory_mb(device),
+            "cpu_min": time.process_time() / 60,
+            **extra,
+        },
+    )
     return mean[keys.index("loss")]
 
 
@@ -379,14 +523,20 @@ def fit_schedule(tr: Training, step: int, probe: tuple[int, float], clock: Budge
     cfg = tr.cfg
     per_step = (clock.seconds() - probe[1]) / (step - probe[0])
     cfg.optim.iters = broadcast_object(fit_iters(step, clock.seconds(), per_step, cfg.optim.time_budget * 60))
-    schedule = {"iters": cfg.optim.iters, "milestones": lr_milestones(cfg.optim, cfg.stage.lr_steps), "budget_cpu_min": cfg.optim.time_budget,
-                "cpu_s_per_step": per_step}
+    schedule = {
+        "iters": cfg.optim.iters,
+        "milestones": lr_milestones(cfg.optim, cfg.stage.lr_steps),
+        "budget_cpu_min": cfg.optim.time_budget,
+        "cpu_s_per_step": per_step,
+    }
     log(tr.out, {"step": step, "schedule": schedule})
     if is_main():
         (tr.out / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     bar.total = cfg.optim.iters
-    print0(f"schedule fitted to {cfg.optim.time_budget} CPU-minutes: {cfg.optim.iters} steps "
-           f"({per_step:.2f} CPU-s each), LR drops at {schedule['milestones']}")
+    print0(
+        f"schedule fitted to {cfg.optim.time_budget} CPU-minutes: {cfg.optim.iters} steps "
+        f"({per_step:.2f} CPU-s each), LR drops at {schedule['milestones']}"
+    )
 
 
 def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
@@ -402,15 +552,27 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     if is_main() and ckpt is not None:
         continue_log(args.out / "log.jsonl", tr.start)
     device = dist.device
-    batches = iter(build_loader(root, cfg, rank=dist.rank, world_size=dist.world_size, accum=args.accum,
-                                start_step=tr.start, workers=args.workers, pin_memory=device.type == "cuda"))
+    batches = iter(
+        build_loader(
+            root,
+            cfg,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            accum=args.accum,
+            start_step=tr.start,
+            workers=args.workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
     videos = list(iter_eval_videos(root, args.val_split)) if args.eval_every > 0 else []
     trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad) / 1e6
-    print0(f"stage {cfg.train.stage} ({video_core(tr.model).stage} model), {cfg.name}: {trainable:.2f}M trainable "
-           f"params; {dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
-           f"{' (+ as many pseudo-labelled)' if cfg.train.stage == 'semi' else ''} x {cfg.stage.frames} frames; "
-           f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at {cfg.data.test_size}; "
-           f"amp {tr.amp}; mvc {mvc_settings(cfg)}; {device}")
+    print0(
+        f"stage {cfg.train.stage} ({video_core(tr.model).stage} model), {cfg.name}: {trainable:.2f}M trainable "
+        f"params; {dist.world_size} rank(s) x {args.accum} x {cfg.optim.batch} clips"
+        f"{' (+ as many pseudo-labelled)' if cfg.train.stage == 'semi' else ''} x {cfg.stage.frames} frames; "
+        f"train {cfg.data.crop_size} from short side {cfg.data.base_size}, eval at {cfg.data.test_size}; "
+        f"amp {tr.amp}; mvc {mvc_settings(cfg)}; {device}"
+    )
 
     # 3. the loop: step, log, (fit the schedule to the time budget), evaluate, stop on a signal, save
     tr.model.train()
@@ -419,10 +581,19 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
     tick, last_log, step, probe = time.time(), tr.start, tr.start, None
     while step < min(cfg.optim.iters or math.inf, args.stop_at or math.inf):
         step += 1
-        micro = [(step_seed(cfg.train.seed, step, dist.rank * args.accum + a), next(batches))
-                 for a in range(args.accum)]
-        out = train_step(tr.ddp, micro, partial(tr.micro_batch_loss, step=step), tr.optimizer, tr.scaler,
-                         tr.scheduler, cfg.optim.clip_grad, tr.autocast_ctx)
+        micro = [
+            (step_seed(cfg.train.seed, step, dist.rank * args.accum + a), next(batches)) for a in range(args.accum)
+        ]
+        out = train_step(
+            tr.ddp,
+            micro,
+            partial(tr.micro_batch_loss, step=step),
+            tr.optimizer,
+            tr.scaler,
+            tr.scheduler,
+            cfg.optim.clip_grad,
+            tr.autocast_ctx,
+        )
         if cfg.train.stage == "semi":  # U2PL: EMA after the optimiser step, k = 0-based semi iteration
             tr.criterion.teacher.update(tr.model, step - 1, cfg.semi.ema_decay)
         bar.update(1)
@@ -451,9 +622,11 @@ def train(args: argparse.Namespace, dist: DistInfo, stop: StopRequest) -> int:
             tr.save("last.pt", step)
     bar.close()
     log(args.out, {"step": step, "done": True, "cpu_min": clock.seconds() / 60})
-    print0(f"done at step {step} ({clock.seconds() / 60:.1f} CPU-minutes of setup and training"
-           + (f", budget {cfg.optim.time_budget}" if cfg.optim.time_budget else "")
-           + f"); checkpoint {args.out / 'last.pt'}")
+    print0(
+        f"done at step {step} ({clock.seconds() / 60:.1f} CPU-minutes of setup and training"
+        + (f", budget {cfg.optim.time_budget}" if cfg.optim.time_budget else "")
+        + f"); checkpoint {args.out / 'last.pt'}"
+    )
     return 0
 
 
@@ -466,8 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         with StopRequest() as stop:
             return train(args, dist, stop)
     except NonFiniteLossError as e:
-        print(f"[rank {dist.rank}] stopping: {e}. {args.out / 'last.pt'} holds the last good state; lower --lr "
-              "or use --amp off/bf16, then --resume auto", file=sys.stderr)
+        print(
+            f"[rank {dist.rank}] stopping: {e}. {args.out / 'last.pt'} holds the last good state; lower --lr "
+            "or use --amp off/bf16, then --resume auto",
+            file=sys.stderr,
+        )
         return 1
     except (FileNotFoundError, ValueError) as e:  # bad input: a message, not a traceback
         where = traceback.extract_tb(e.__traceback__)[-1]

@@ -41,6 +41,7 @@ import argparse
 import json
 import multiprocessing
 import os
+from pathlib import Path
 import platform
 import re
 import resource
@@ -50,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -249,27 +249,35 @@ def time_all(gt: Path, pred: Path, repeat: int) -> tuple[dict[str, float], dict[
     alike), and the metric values."""
     jobs = {
         "decode floor (every GT + pred PNG once)": lambda: decode_floor(gt, pred),
-        "evaluate.py mIoU+VC8+VC16, 1 worker": lambda: ev.evaluate(gt, pred, "val", num_classes=K, workers=1,
-                                                                   vc_sizes=(8, 16), progress=False),
-        "evaluate.py mIoU+VC8+VC16, 2 workers": lambda: ev.evaluate(gt, pred, "val", num_classes=K, workers=2,
-                                                                    vc_sizes=(8, 16), progress=False),
+        "evaluate.py mIoU+VC8+VC16, 1 worker": lambda: ev.evaluate(
+            gt, pred, "val", num_classes=K, workers=1, vc_sizes=(8, 16), progress=False
+        ),
+        "evaluate.py mIoU+VC8+VC16, 2 workers": lambda: ev.evaluate(
+            gt, pred, "val", num_classes=K, workers=2, vc_sizes=(8, 16), progress=False
+        ),
         "official evaluator_test (mIoU)": lambda: official_miou(gt, pred),
         "official VC_perclip n=8": lambda: official_vc(gt, pred, 8),
         "official VC_perclip n=16": lambda: official_vc(gt, pred, 16),
     }
     wall, cpu, out = {name: [] for name in jobs}, {name: [] for name in jobs}, {}
     for r in range(repeat):
-        for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+        for name in list(jobs) if r % 2 == 0 else list(jobs)[::-1]:
             t, c, out[name] = timed(jobs[name])
             wall[name].append(t)
             cpu[name].append(c)
     ours = out["evaluate.py mIoU+VC8+VC16, 1 worker"]
-    values = {"mIoU": out["official evaluator_test (mIoU)"], "VC8": out["official VC_perclip n=8"],
-              "VC16": out["official VC_perclip n=16"]}
+    values = {
+        "mIoU": out["official evaluator_test (mIoU)"],
+        "VC8": out["official VC_perclip n=8"],
+        "VC16": out["official VC_perclip n=16"],
+    }
     for key, official in values.items():  # the benchmark also checks that the numbers agree, to the last bit
         assert ours[key] == official, (key, ours[key], official)
-    return ({name: statistics.median(t) for name, t in wall.items()},
-            {name: statistics.median(t) for name, t in cpu.items()}, values)
+    return (
+        {name: statistics.median(t) for name, t in wall.items()},
+        {name: statistics.median(t) for name, t in cpu.items()},
+        values,
+    )
 
 
 def print_times(wall: dict[str, float], cpu: dict[str, float], n_frames: int) -> None:
@@ -285,8 +293,10 @@ def print_times(wall: dict[str, float], cpu: dict[str, float], n_frames: int) ->
         print(f"{name:<46} {wall[name]:7.2f} {1000 * wall[name] / n_frames:9.2f} {c:>7}")
     for label, t in (("wall", wall), ("CPU", cpu)):
         ours, floor = t["evaluate.py mIoU+VC8+VC16, 1 worker"], t["decode floor (every GT + pred PNG once)"]
-        print(f"{label:>4}: official / evaluate.py (1 worker) = {t['official total (3 runs)'] / ours:.1f}x; "
-              f"evaluate / decode floor {ours / floor:.2f}x")
+        print(
+            f"{label:>4}: official / evaluate.py (1 worker) = {t['official total (3 runs)'] / ours:.1f}x; "
+            f"evaluate / decode floor {ours / floor:.2f}x"
+        )
 
 
 def print_memory(cache: Path, frames: int) -> None:
@@ -348,31 +358,51 @@ def end_to_end(root: Path, official: Path, repeat: int, n_frames: int) -> None:
         (tmp / "VC_perclip8.py").write_text(vc8.replace("clip_num=16", "clip_num=8"))
         json_out = tmp / "ours.json"
         jobs = {
-            "python evaluate.py --workers 1": ([sys.executable, REPO / "evaluate.py", "--gt", root / "gt", "--pred",
-                                                pred, "--num-classes", K, "--workers", 1, "--no-progress",
-                                                "--json", json_out], None),
+            "python evaluate.py --workers 1": (
+                [
+                    sys.executable,
+                    REPO / "evaluate.py",
+                    "--gt",
+                    root / "gt",
+                    "--pred",
+                    pred,
+                    "--num-classes",
+                    K,
+                    "--workers",
+                    1,
+                    "--no-progress",
+                    "--json",
+                    json_out,
+                ],
+                None,
+            ),
             "python evaluator_test.py": ([sys.executable, "evaluator_test.py", gt_shifted, pred], tmp),
             "python VC_perclip.py (clip_num=8)": ([sys.executable, "VC_perclip8.py", gt_shifted, pred], tmp),
             "python VC_perclip.py (clip_num=16)": ([sys.executable, "VC_perclip.py", gt_shifted, pred], tmp),
         }
         wall, cpu, out = {n: [] for n in jobs}, {n: [] for n in jobs}, {}
         for r in range(repeat):
-            for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+            for name in list(jobs) if r % 2 == 0 else list(jobs)[::-1]:
                 t, c, out[name] = _run(*jobs[name])
                 wall[name].append(t)
                 cpu[name].append(c)
         ours = json.loads(json_out.read_text())
-    printed = {"mIoU": re.search(r"mIoU:([^,]+),", out["python evaluator_test.py"]).group(1),
-               "VC8": re.search(r"VC8 score: (\S+)", out["python VC_perclip.py (clip_num=8)"]).group(1),
-               "VC16": re.search(r"VC16 score: (\S+)", out["python VC_perclip.py (clip_num=16)"]).group(1)}
+    printed = {
+        "mIoU": re.search(r"mIoU:([^,]+),", out["python evaluator_test.py"]).group(1),
+        "VC8": re.search(r"VC8 score: (\S+)", out["python VC_perclip.py (clip_num=8)"]).group(1),
+        "VC16": re.search(r"VC16 score: (\S+)", out["python VC_perclip.py (clip_num=16)"]).group(1),
+    }
     for key, text in printed.items():  # the official scripts print str(np.float64): the full repr
         assert float(text) == ours[key], (key, text, ours[key])
-    print(f"\nend to end, fresh processes (interpreter start and imports included), median of {repeat} rounds; "
-          f"the official numbers printed equal evaluate.py's: " + ", ".join(f"{k} {v}" for k, v in printed.items()))
+    print(
+        f"\nend to end, fresh processes (interpreter start and imports included), median of {repeat} rounds; "
+        f"the official numbers printed equal evaluate.py's: " + ", ".join(f"{k} {v}" for k, v in printed.items())
+    )
     print(f"{'what':<46} {'wall s':>7} {'ms/frame':>9} {'CPU s':>7}")
     med = {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in jobs}
-    med["official total (evaluation.sh + VC8)"] = tuple(sum(med[n][i] for n in jobs if "evaluate.py" not in n)
-                                                         for i in (0, 1))
+    med["official total (evaluation.sh + VC8)"] = tuple(
+        sum(med[n][i] for n in jobs if "evaluate.py" not in n) for i in (0, 1)
+    )
     for name, (w, c) in med.items():
         print(f"{name:<46} {w:7.2f} {1000 * w / n_frames:9.2f} {c:7.2f}")
     ours_w, ours_c = med["python evaluate.py --workers 1"]
@@ -385,10 +415,18 @@ def _versions() -> str:
 
     cpu = ""
     if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    return (f"python {platform.python_version()}, numpy {np.__version__}, opencv {cv2.__version__}, "
-            f"pillow {PIL.__version__}; {cpu}, {os.cpu_count()} logical CPUs")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
+    return (
+        f"python {platform.python_version()}, numpy {np.__version__}, opencv {cv2.__version__}, "
+        f"pillow {PIL.__version__}; {cpu}, {os.cpu_count()} logical CPUs"
+    )
 
 
 def main() -> None:
@@ -396,12 +434,23 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=24, help="videos of the synthetic set (default 24)")
     p.add_argument("--frames", type=int, default=60, help="frames per video (default 60)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds of every timing; medians are reported")
-    p.add_argument("--cache", type=Path, default=REPO / "runs" / "bench_evaluate",
-                   help="where the rendered set is kept (re-rendered when its size changes)")
-    p.add_argument("--official-code", type=Path, default=None,
-                   help="a checkout of VSPW-dataset/VSPW_code: also time its scripts end to end")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 8 videos x 30 frames (own cache folder), 1 round, no memory table")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=REPO / "runs" / "bench_evaluate",
+        help="where the rendered set is kept (re-rendered when its size changes)",
+    )
+    p.add_argument(
+        "--official-code",
+        type=Path,
+        default=None,
+        help="a checkout of VSPW-dataset/VSPW_code: also time its scripts end to end",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 8 videos x 30 frames (own cache folder), 1 round, no memory table",
+    )
     args = p.parse_args()
     if args.quick:
         args.videos, args.frames, args.repeat = 8, 30, 1
@@ -411,9 +460,12 @@ def main() -> None:
     print(_versions())
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     wall, cpu, values = time_all(args.cache / "gt", args.cache / "pred", args.repeat)
-    print(f"\n{args.videos} videos x {args.frames} frames at {H}x{W}; median of {args.repeat} interleaved rounds; "
-          f"load average {load} before, {os.getloadavg()[0]:.2f} after; "
-          + ", ".join(f"{k} {v!r}" for k, v in values.items()) + " (evaluate.py == official, to the last bit)")
+    print(
+        f"\n{args.videos} videos x {args.frames} frames at {H}x{W}; median of {args.repeat} interleaved rounds; "
+        f"load average {load} before, {os.getloadavg()[0]:.2f} after; "
+        + ", ".join(f"{k} {v!r}" for k, v in values.items())
+        + " (evaluate.py == official, to the last bit)"
+    )
     print_times(wall, cpu, args.videos * args.frames)
     if args.official_code is not None:
         end_to_end(args.cache, args.official_code, args.repeat, args.videos * args.frames)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,7 +50,7 @@ CLIP = (2, 240, 320)  # images per training step (a 2-frame clip), H, W
 FRAME = (360, 480)  # inference frame
 
 
-def make_targets(num_images: int, height: int, width: int, num_classes: int, gen: "torch.Generator"):
+def make_targets(num_images: int, height: int, width: int, num_classes: int, gen):
     """Blocky random label maps -> per-image targets (one mask per class present)."""
     import torch
     import torch.nn.functional as F
@@ -106,15 +106,32 @@ def build_hf(cfg):
     m, loss = cfg.model, cfg.loss
     if m.backbone != "resnet18" or m.enc_heads != m.nheads:
         raise ValueError("the HF comparison is built for the tiny preset (ResNet-18, one head count)")
-    backbone = ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
-                            embedding_size=64, out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = ResNetConfig(
+        layer_type="basic",
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        embedding_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     hf_cfg = Mask2FormerConfig(
-        backbone_config=backbone, feature_size=m.conv_dim, mask_feature_size=m.mask_dim, hidden_dim=m.hidden_dim,
-        encoder_feedforward_dim=m.enc_ffn_dim, encoder_layers=m.enc_layers, decoder_layers=m.dec_layers + 1,
-        num_attention_heads=m.nheads, dim_feedforward=m.dim_feedforward, num_queries=m.num_queries,
-        num_labels=m.num_classes, train_num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
-        importance_sample_ratio=loss.importance_sample_ratio, class_weight=loss.class_weight,
-        mask_weight=loss.mask_weight, dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight,
+        backbone_config=backbone,
+        feature_size=m.conv_dim,
+        mask_feature_size=m.mask_dim,
+        hidden_dim=m.hidden_dim,
+        encoder_feedforward_dim=m.enc_ffn_dim,
+        encoder_layers=m.enc_layers,
+        decoder_layers=m.dec_layers + 1,
+        num_attention_heads=m.nheads,
+        dim_feedforward=m.dim_feedforward,
+        num_queries=m.num_queries,
+        num_labels=m.num_classes,
+        train_num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        no_object_weight=loss.no_object_weight,
         use_auxiliary_loss=True,
     )
     model = Mask2FormerForUniversalSegmentation(hf_cfg)
@@ -129,8 +146,11 @@ def vss_train_step(model, criterion, opt, images, targets) -> None:
 
 
 def hf_train_step(model, opt, images, targets) -> None:
-    out = model(pixel_values=images, mask_labels=[t["masks"].float() for t in targets],
-                class_labels=[t["labels"] for t in targets])
+    out = model(
+        pixel_values=images,
+        mask_labels=[t["masks"].float() for t in targets],
+        class_labels=[t["labels"] for t in targets],
+    )
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()
@@ -206,11 +226,22 @@ def run_one(preset: str, threads: int, repeats: int) -> dict:
 def preset_table(args) -> None:
     print(f"{'preset':<14}{'params (M)':>11}{'train step (s)':>16}{'infer/frame (s)':>17}{'peak RSS (MB)':>15}")
     for preset in args.presets.split(","):
-        cmd = [sys.executable, __file__, "--child", preset, "--threads", str(args.threads),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            preset,
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+        ]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(f"{r['preset']:<14}{r['params_M']:>11.2f}{r['train_step_s']:>16.3f}{r['infer_frame_s']:>17.3f}"
-              f"{r['peak_rss_MB']:>15.0f}", flush=True)
+        print(
+            f"{r['preset']:<14}{r['params_M']:>11.2f}{r['train_step_s']:>16.3f}{r['infer_frame_s']:>17.3f}"
+            f"{r['peak_rss_MB']:>15.0f}",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,8 +299,18 @@ def rss_child(which: str, preset: str, threads: int) -> dict:
 
 def _machine() -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return f"{cpu}, {os.cpu_count()} logical CPUs, load average {load}"
 
 
@@ -281,10 +322,12 @@ def compare_hf(args) -> None:
     try:
         import transformers
     except ImportError:
-        sys.exit(f"--compare-hf needs transformers: pip install \"{HF_PIN}\"")
+        sys.exit(f'--compare-hf needs transformers: pip install "{HF_PIN}"')
     torch.set_num_threads(args.threads)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"numpy {np.__version__}; torch threads {torch.get_num_threads()}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"numpy {np.__version__}; torch threads {torch.get_num_threads()}"
+    )
     print(f"machine: {_machine()}")
     torch.manual_seed(0)
     vss_model, criterion, vss_opt, cfg = build_vss(args.preset)
@@ -292,13 +335,17 @@ def compare_hf(args) -> None:
     images, targets, frame = make_inputs(cfg.model.num_classes)
     n_vss = sum(p.numel() for p in vss_model.parameters()) / 1e6
     n_hf = sum(p.numel() for p in hf_model.parameters()) / 1e6
-    print(f"shape {args.preset}: vss {n_vss:.2f} M parameters, HF {n_hf:.2f} M; batch {CLIP[0]} x {CLIP[1]}x{CLIP[2]}, "
-          f"{sum(len(t['labels']) for t in targets)} targets, {cfg.loss.num_points} points; inference "
-          f"{FRAME[0]}x{FRAME[1]}")
+    print(
+        f"shape {args.preset}: vss {n_vss:.2f} M parameters, HF {n_hf:.2f} M; batch {CLIP[0]} x {CLIP[1]}x{CLIP[2]}, "
+        f"{sum(len(t['labels']) for t in targets)} targets, {cfg.loss.num_points} points; inference "
+        f"{FRAME[0]}x{FRAME[1]}"
+    )
 
     jobs = {
-        "train": {"vss": lambda: vss_train_step(vss_model, criterion, vss_opt, images, targets),
-                  "hf": lambda: hf_train_step(hf_model, hf_opt, images, targets)},
+        "train": {
+            "vss": lambda: vss_train_step(vss_model, criterion, vss_opt, images, targets),
+            "hf": lambda: hf_train_step(hf_model, hf_opt, images, targets),
+        },
         "infer": {"vss": lambda: vss_infer(vss_model, frame), "hf": lambda: hf_infer(hf_model, frame)},
     }
     wall = {(kind, who): [] for kind in jobs for who in ("vss", "hf")}
@@ -315,27 +362,35 @@ def compare_hf(args) -> None:
                     w, c = _timed_both(pair[who])
                     wall[(kind, who)].append(w)
                     cpu[(kind, who)].append(c)
-    print(f"\nmedian of {args.repeats} interleaved rounds after a warm-up (seconds); load average now "
-          f"{os.getloadavg()[0]:.2f}")
+    print(
+        f"\nmedian of {args.repeats} interleaved rounds after a warm-up (seconds); load average now "
+        f"{os.getloadavg()[0]:.2f}"
+    )
     print(f"{'':<26}{'vss':>8}{'HF':>8}{'vss/HF':>8}   per-round vss/HF   CPU s: vss    HF  vss/HF")
     for kind, label in (("train", "training step (2 images)"), ("infer", "inference per frame")):
         v, h = wall[(kind, "vss")], wall[(kind, "hf")]
         rounds = [a / b for a, b in zip(v, h)]
         cv, ch = statistics.median(cpu[(kind, "vss")]), statistics.median(cpu[(kind, "hf")])
-        print(f"{label:<26}{statistics.median(v):8.3f}{statistics.median(h):8.3f}"
-              f"{statistics.median(v) / statistics.median(h):8.2f}   {min(rounds):6.2f}-{max(rounds):<9.2f}"
-              f"{cv:11.3f}{ch:6.3f}{cv / ch:8.2f}")
-    print("(CPU s: process CPU time, all threads; with --threads 1 it does not count the time spent waiting for "
-          "a core, so it is the steadier figure on a shared machine)")
+        print(
+            f"{label:<26}{statistics.median(v):8.3f}{statistics.median(h):8.3f}"
+            f"{statistics.median(v) / statistics.median(h):8.2f}   {min(rounds):6.2f}-{max(rounds):<9.2f}"
+            f"{cv:11.3f}{ch:6.3f}{cv / ch:8.2f}"
+        )
+    print(
+        "(CPU s: process CPU time, all threads; with --threads 1 it does not count the time spent waiting for "
+        "a core, so it is the steadier figure on a shared machine)"
+    )
 
     rss = {}
     for who in ("vss", "hf"):
         cmd = [sys.executable, __file__, "--rss-child", who, "--preset", args.preset, "--threads", str(args.threads)]
         rss[who] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     v, h = rss["vss"], rss["hf"]
-    print(f"{'peak RSS (MB)':<26}{v['peak_MB']:8.0f}{h['peak_MB']:8.0f}{v['peak_MB'] / h['peak_MB']:8.2f}"
-          f"   above the after-import RSS: {v['peak_MB'] - v['base_MB']:.0f} vs {h['peak_MB'] - h['base_MB']:.0f}"
-          f" ({(v['peak_MB'] - v['base_MB']) / (h['peak_MB'] - h['base_MB']):.2f})")
+    print(
+        f"{'peak RSS (MB)':<26}{v['peak_MB']:8.0f}{h['peak_MB']:8.0f}{v['peak_MB'] / h['peak_MB']:8.2f}"
+        f"   above the after-import RSS: {v['peak_MB'] - v['base_MB']:.0f} vs {h['peak_MB'] - h['base_MB']:.0f}"
+        f" ({(v['peak_MB'] - v['base_MB']) / (h['peak_MB'] - h['base_MB']):.2f})"
+    )
 
 
 def main() -> None:
@@ -343,8 +398,11 @@ def main() -> None:
     p.add_argument("--presets", default="tiny,tiny@12544,r50", help="comma list; NAME@P sets num_points")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median)")
-    p.add_argument("--compare-hf", action="store_true",
-                   help=f"time vss against HF transformers' Mask2Former side by side (needs {HF_PIN})")
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help=f"time vss against HF transformers' Mask2Former side by side (needs {HF_PIN})",
+    )
     p.add_argument("--preset", default="tiny@12544", help="shape of the --compare-hf run (a tiny preset)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--rss-child", choices=("vss", "hf"), help=argparse.SUPPRESS)

@@ -20,15 +20,15 @@ each (two side by side on the 2-core machine); the headline uses both cores for 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
+from pathlib import Path
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -67,8 +67,19 @@ class Bench:
         out = self.out / name
         if not (out / "done").exists():
             out.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, str(REPO / "train.py"), "--data", str(self.args.data), "--out", str(out),
-                   "--workers", "0", "--resume", "auto", *argv]
+            cmd = [
+                sys.executable,
+                str(REPO / "train.py"),
+                "--data",
+                str(self.args.data),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--resume",
+                "auto",
+                *argv,
+            ]
             if "--eval-every" not in argv:
                 cmd += ["--eval-every", "0"]
             print("$", " ".join(cmd), flush=True)
@@ -90,17 +101,52 @@ class Bench:
             return json.loads(result_file.read_text())
         pred = self.out / "pred" / name
         t0 = time.time()
-        subprocess.run([sys.executable, str(REPO / "infer.py"), "--data", str(self.args.data), "--split", split,
-                        "--out", str(pred), "--overwrite", "--no-progress", *infer_args], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "infer.py"),
+                "--data",
+                str(self.args.data),
+                "--split",
+                split,
+                "--out",
+                str(pred),
+                "--overwrite",
+                "--no-progress",
+                *infer_args,
+            ],
+            check=True,
+            env=env,
+        )
         seconds = time.time() - t0
         metrics = self.out / "pred" / f"{name}.metrics.json"
-        subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--pred", str(pred), "--gt", str(self.args.data),
-                        "--split", split, "--json", str(metrics), "--no-progress"], check=True,
-                       stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "evaluate.py"),
+                "--pred",
+                str(pred),
+                "--gt",
+                str(self.args.data),
+                "--split",
+                split,
+                "--json",
+                str(metrics),
+                "--no-progress",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
         m = json.loads(metrics.read_text())
         frames = sum(v["frames"] for v in json.loads((pred / "report.json").read_text())["videos"].values())
-        result = {"mIoU": m["mIoU"], "VC8": m["VC8"], "VC16": m["VC16"], "fps": frames / seconds,
-                  "per_class_IoU": m["per_class_IoU"]}
+        result = {
+            "mIoU": m["mIoU"],
+            "VC8": m["VC8"],
+            "VC16": m["VC16"],
+            "fps": frames / seconds,
+            "per_class_IoU": m["per_class_IoU"],
+        }
         result_file.write_text(json.dumps(result, indent=1))
         return result
 
@@ -136,10 +182,17 @@ def base(b: Bench) -> Path:
     takes an existing one (its run folder's log gives the curve)."""
     ckpt = b.args.base or b.train("base", *BASE, "--save-every", "100")
     run = ckpt.parent
-    curve = [(x["step"], x["val"]["mIoU"], x["val"]["VC8"])
-             for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val" in x]
-    write_table(b.out / "base.json", ["step", "val mIoU", "VC8"],
-                [[str(s), f"{m:.3f}", f"{v:.3f}"] for s, m, v in curve], {"curve": curve, **run_info(run)})
+    curve = [
+        (x["step"], x["val"]["mIoU"], x["val"]["VC8"])
+        for x in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if "val" in x
+    ]
+    write_table(
+        b.out / "base.json",
+        ["step", "val mIoU", "VC8"],
+        [[str(s), f"{m:.3f}", f"{v:.3f}"] for s, m, v in curve],
+        {"curve": curve, **run_info(run)},
+    )
     return ckpt
 
 
@@ -164,16 +217,32 @@ def mvc_table(b: Bench) -> dict:
     runs = chains(b, base(b))
     rows, data = [], {}
     base_score = b.score("base", "--checkpoint", str(base(b)))
-    rows.append(["base (stage 1, converged)", "-", f"{base_score['mIoU']:.3f}", f"{base_score['VC8']:.3f}",
-                 f"{base_score['VC16']:.3f}", ""])
+    rows.append(
+        [
+            "base (stage 1, converged)",
+            "-",
+            f"{base_score['mIoU']:.3f}",
+            f"{base_score['VC8']:.3f}",
+            f"{base_score['VC16']:.3f}",
+            "",
+        ]
+    )
     for stage, label in (("ft", "segmenter"), ("trk", "+ tracker (online)"), ("ref", "+ refiner (offline)")):
         for mvc in (False, True):
-            scores = [b.score(f"{stage}_{'mvc' if mvc else 'plain'}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)]))
-                      for s in b.seeds]
+            scores = [
+                b.score(f"{stage}_{'mvc' if mvc else 'plain'}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)]))
+                for s in b.seeds
+            ]
             info = [run_info(runs[(stage, mvc, s)].parent) for s in b.seeds]
             data[f"{stage}_{'mvc' if mvc else 'plain'}"] = {"scores": scores, "runs": info}
-            rows.append([label, "yes" if mvc else "-", *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")),
-                         f"{info[0]['steps']} steps, {statistics.mean(i['cpu_min'] for i in info):.0f} CPU-min"])
+            rows.append(
+                [
+                    label,
+                    "yes" if mvc else "-",
+                    *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")),
+                    f"{info[0]['steps']} steps, {statistics.mean(i['cpu_min'] for i in info):.0f} CPU-min",
+                ]
+            )
     write_table(b.out / "mvc.json", ["model", "MVC", "mIoU", "VC8", "VC16", "training"], rows, data)
     return runs
 
@@ -182,13 +251,21 @@ def tta_table(b: Bench) -> None:
     runs = chains(b, base(b))
     views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
     rows, data = [], {}
-    for mvc in (True, False)[:2 if b.args.tta_both else 1]:
+    for mvc in (True, False)[: 2 if b.args.tta_both else 1]:
         ckpt = str(runs[("ref", mvc, 0)])
         for view, flags in views.items():
             r = b.score(f"tta_{'mvc' if mvc else 'plain'}_{view.replace(' ', '_')}", "--checkpoint", ckpt, *flags)
             data[f"{'mvc' if mvc else 'plain'} {view}"] = r
-            rows.append(["yes" if mvc else "-", view, f"{r['mIoU']:.3f}", f"{r['VC8']:.3f}", f"{r['VC16']:.3f}",
-                         f"{r['fps']:.2f}"])
+            rows.append(
+                [
+                    "yes" if mvc else "-",
+                    view,
+                    f"{r['mIoU']:.3f}",
+                    f"{r['VC8']:.3f}",
+                    f"{r['VC16']:.3f}",
+                    f"{r['fps']:.2f}",
+                ]
+            )
     write_table(b.out / "tta.json", ["MVC", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
 
 
@@ -205,8 +282,13 @@ def aggregate_table(b: Bench) -> None:
         scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in b.seeds]
         rows.append([name, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
     agg = [data[f"s{s}"] for s in b.seeds]
-    rows.append(["per-video choice by flow-SSIM", *(spread([x[k] for x in agg]) for k in ("mIoU", "VC8", "VC16")),
-                 f"MVC model chosen for {sum(x['videos_mvc'] for x in agg)} of {sum(x['videos'] for x in agg)} videos"])
+    rows.append(
+        [
+            "per-video choice by flow-SSIM",
+            *(spread([x[k] for x in agg]) for k in ("mIoU", "VC8", "VC16")),
+            f"MVC model chosen for {sum(x['videos_mvc'] for x in agg)} of {sum(x['videos'] for x in agg)} videos",
+        ]
+    )
     write_table(b.out / "aggregate.json", ["models", "mIoU", "VC8", "VC16", "note"], rows, data)
 
 
@@ -234,8 +316,9 @@ def semi_table(b: Bench) -> None:
     the paper uses the test videos) from the TTA'd teacher + student ensemble with per-pixel entropy;
     U2PL fine-tuning of the student vs the same steps of supervised fine-tuning."""
     student = base(b)
-    teacher = b.args.teacher or b.train("teacher", "--config", str(teacher_config(b)), "--iters", "5000",
-                                        "--eval-every", "500", "--save-every", "100")
+    teacher = b.args.teacher or b.train(
+        "teacher", "--config", str(teacher_config(b)), "--iters", "5000", "--eval-every", "500", "--save-every", "100"
+    )
     rows, data = [], {}
 
     def row(label: str, name: str, *flags: str) -> None:
@@ -245,20 +328,42 @@ def semi_table(b: Bench) -> None:
     row("student (stage 1, ResNet-18)", "base", "--checkpoint", str(student))
     row("student, TTA mean", "semi_student_tta", "--checkpoint", str(student), *PSEUDO_TTA)
     row("teacher (ResNet-34)", "semi_teacher", "--checkpoint", str(teacher))
-    row("teacher + student, TTA mean (= the pseudo labels)", "semi_pseudo", "--ensemble", str(teacher), str(student),
-        *PSEUDO_TTA, "--save-probs")
+    row(
+        "teacher + student, TTA mean (= the pseudo labels)",
+        "semi_pseudo",
+        "--ensemble",
+        str(teacher),
+        str(student),
+        *PSEUDO_TTA,
+        "--save-probs",
+    )
     pseudo = b.out / "pred" / "semi_pseudo"
-    semi, supervised = b.parallel([
-        ("semi/u2pl", "--stage", "semi", "--init", str(student), "--pseudo", str(pseudo), "--unlabeled-split", "val",
-         *SEMI_FT),
-        ("semi/supervised", "--init", str(student), *SEMI_FT)])
+    semi, supervised = b.parallel(
+        [
+            (
+                "semi/u2pl",
+                "--stage",
+                "semi",
+                "--init",
+                str(student),
+                "--pseudo",
+                str(pseudo),
+                "--unlabeled-split",
+                "val",
+                *SEMI_FT,
+            ),
+            ("semi/supervised", "--init", str(student), *SEMI_FT),
+        ]
+    )
     row(f"student + {SEMI_FT[1]} supervised steps (ablation)", "semi_supervised", "--checkpoint", str(supervised))
     row(f"student + {SEMI_FT[1]} semi steps (U2PL)", "semi_u2pl", "--checkpoint", str(semi))
     row("student + semi, TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
-    row("teacher + (student + semi), TTA mean", "semi_ensemble_tta", "--ensemble", str(teacher), str(semi),
-        *PSEUDO_TTA)
-    data["runs"] = {"base": run_info(student.parent), "teacher": run_info(teacher.parent),
-                    **{name: run_info(b.out / name) for name in ("semi/u2pl", "semi/supervised")}}
+    row("teacher + (student + semi), TTA mean", "semi_ensemble_tta", "--ensemble", str(teacher), str(semi), *PSEUDO_TTA)
+    data["runs"] = {
+        "base": run_info(student.parent),
+        "teacher": run_info(teacher.parent),
+        **{name: run_info(b.out / name) for name in ("semi/u2pl", "semi/supervised")},
+    }
     write_table(b.out / "semi.json", ["model", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
 
 
@@ -285,25 +390,62 @@ def headline(b: Bench) -> None:
     env = ONE_THREAD if args.threads == 1 else TWO_THREADS
     start_wall, start_cpu = time.time(), children_cpu_min()
     used = lambda: children_cpu_min() - start_cpu  # noqa: E731
-    stage1 = b.train("headline/stage1", "--preset", "tiny", "--time-budget", f"{budget * args.stage1_share:.2f}",
-                     env=env)
+    stage1 = b.train(
+        "headline/stage1", "--preset", "tiny", "--time-budget", f"{budget * args.stage1_share:.2f}", env=env
+    )
     cpu0 = used()
-    pseudo = b.score("headline_pseudo", "--checkpoint", str(stage1), *PSEUDO_TTA, "--save-probs",
-                     split=args.eval_split, env=env)
+    pseudo = b.score(
+        "headline_pseudo", "--checkpoint", str(stage1), *PSEUDO_TTA, "--save-probs", split=args.eval_split, env=env
+    )
     infer_cpu = used() - cpu0
     semi_budget = max(1.0, budget - used() - infer_cpu)  # keep the final prediction's share
-    semi = b.train("headline/semi", "--stage", "semi", "--init", str(stage1), "--pseudo",
-                   str(b.out / "pred" / "headline_pseudo"), "--unlabeled-split", args.eval_split, "--lr", "1e-4",
-                   "--time-budget", f"{semi_budget:.2f}", env=env)
+    semi = b.train(
+        "headline/semi",
+        "--stage",
+        "semi",
+        "--init",
+        str(stage1),
+        "--pseudo",
+        str(b.out / "pred" / "headline_pseudo"),
+        "--unlabeled-split",
+        args.eval_split,
+        "--lr",
+        "1e-4",
+        "--time-budget",
+        f"{semi_budget:.2f}",
+        env=env,
+    )
     final = b.score("headline_final", "--checkpoint", str(semi), *PSEUDO_TTA, split=args.eval_split, env=env)
     wall, cpu = (time.time() - start_wall) / 60, used()
-    data = {"stage1": {**run_info(out / "stage1"), "score": pseudo}, "semi": {**run_info(out / "semi")},
-            "final": final, "wall_min": wall, "cpu_min": cpu, "budget_cpu_min": budget}
-    write_table(b.out / "headline.json", ["pipeline", "mIoU", "VC8", "VC16", "CPU-minutes (wall)"],
-                [["stage 1 + TTA (pseudo labels)", f"{pseudo['mIoU']:.3f}", f"{pseudo['VC8']:.3f}",
-                  f"{pseudo['VC16']:.3f}", ""],
-                 ["+ semi (U2PL) + TTA", f"{final['mIoU']:.3f}", f"{final['VC8']:.3f}", f"{final['VC16']:.3f}",
-                  f"{cpu:.1f} ({wall:.1f})"]], data)
+    data = {
+        "stage1": {**run_info(out / "stage1"), "score": pseudo},
+        "semi": {**run_info(out / "semi")},
+        "final": final,
+        "wall_min": wall,
+        "cpu_min": cpu,
+        "budget_cpu_min": budget,
+    }
+    write_table(
+        b.out / "headline.json",
+        ["pipeline", "mIoU", "VC8", "VC16", "CPU-minutes (wall)"],
+        [
+            [
+                "stage 1 + TTA (pseudo labels)",
+                f"{pseudo['mIoU']:.3f}",
+                f"{pseudo['VC8']:.3f}",
+                f"{pseudo['VC16']:.3f}",
+                "",
+            ],
+            [
+                "+ semi (U2PL) + TTA",
+                f"{final['mIoU']:.3f}",
+                f"{final['VC8']:.3f}",
+                f"{final['VC16']:.3f}",
+                f"{cpu:.1f} ({wall:.1f})",
+            ],
+        ],
+        data,
+    )
 
 
 def main() -> None:
@@ -316,17 +458,32 @@ def main() -> None:
     p.add_argument("--teacher", type=Path, help="semi: an existing teacher checkpoint (default: train one)")
     p.add_argument("--tta-both", action="store_true", help="tta: the non-MVC final model too")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each (default 2)")
-    p.add_argument("--ctvis", action=argparse.BooleanOptionalAction, default=True,
-                   help="CTVIS in the stage-1 fine-tunes, so the tracker starts from a trained reid head (default on)")
+    p.add_argument(
+        "--ctvis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CTVIS in the stage-1 fine-tunes, so the tracker starts from a trained reid head (default on)",
+    )
     p.add_argument("--u2pl-scales", action="store_true", help="tta: add the PVUW 1st place's 8-scale view set")
-    p.add_argument("--minutes", type=float, default=40, help="headline: minutes of the whole 2-core machine (budget: minutes x 2 x 0.92 CPU-minutes)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=40,
+        help="headline: minutes of the whole 2-core machine (budget: minutes x 2 x 0.92 CPU-minutes)",
+    )
     p.add_argument("--threads", type=int, choices=(1, 2), default=1, help="headline: threads per process")
     p.add_argument("--stage1-share", type=float, default=0.6, help="headline: share of the time for stage 1")
     p.add_argument("--eval-split", default="val", help="headline: the split pseudo-labelled and evaluated")
     args = p.parse_args()
     b = Bench(args)
-    tables = {"base": base, "mvc": mvc_table, "tta": tta_table, "aggregate": aggregate_table, "semi": semi_table,
-              "headline": headline}
+    tables = {
+        "base": base,
+        "mvc": mvc_table,
+        "tta": tta_table,
+        "aggregate": aggregate_table,
+        "semi": semi_table,
+        "headline": headline,
+    }
     tables[args.table](b)
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -32,9 +32,28 @@ ITERS = {"segmenter": (1200, 600), "tracker": (100, 50), "refiner": (60, 30)}
 
 
 def train_cmd(args, stage: str, out: Path, budget: float, mvc: bool, init: Path | None) -> list[str]:
-    cmd = [sys.executable, str(REPO / "train.py"), "--preset", args.preset, "--data", str(args.data),
-           "--stage", stage, "--out", str(out), "--time-budget", str(budget),
-           "--iters", str(ITERS[stage][mvc]), "--eval-every", "0", "--workers", "0", "--resume", "auto"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--preset",
+        args.preset,
+        "--data",
+        str(args.data),
+        "--stage",
+        stage,
+        "--out",
+        str(out),
+        "--time-budget",
+        str(budget),
+        "--iters",
+        str(ITERS[stage][mvc]),
+        "--eval-every",
+        "0",
+        "--workers",
+        "0",
+        "--resume",
+        "auto",
+    ]
     if stage != "segmenter":
         cmd += ["--frames", str(args.frames_tracker if stage == "tracker" else args.frames_refiner)]
     if mvc:
@@ -68,17 +87,51 @@ def predict_and_score(args, name: str, infer_args: list[str]) -> dict:
     if result_file.exists():
         return json.loads(result_file.read_text())
     t0 = time.time()
-    subprocess.run([sys.executable, str(REPO / "infer.py"), "--data", str(args.data), "--split", "val",
-                    "--out", str(pred), "--overwrite", "--no-progress", *infer_args], check=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "infer.py"),
+            "--data",
+            str(args.data),
+            "--split",
+            "val",
+            "--out",
+            str(pred),
+            "--overwrite",
+            "--no-progress",
+            *infer_args,
+        ],
+        check=True,
+        env=ENV,
+    )
     seconds = time.time() - t0
     metrics_file = args.out / "pred" / f"{name}.metrics.json"
-    subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--pred", str(pred), "--gt", str(args.data),
-                    "--split", "val", "--json", str(metrics_file), "--no-progress"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "evaluate.py"),
+            "--pred",
+            str(pred),
+            "--gt",
+            str(args.data),
+            "--split",
+            "val",
+            "--json",
+            str(metrics_file),
+            "--no-progress",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     m = json.loads(metrics_file.read_text())
     frames = sum(v["frames"] for v in json.loads((pred / "report.json").read_text())["videos"].values())
-    result = {"mIoU": m["mIoU"], "VC8": m["VC8"], "VC16": m["VC16"], "fps": frames / seconds,
-              "per_class_IoU": m["per_class_IoU"]}
+    result = {
+        "mIoU": m["mIoU"],
+        "VC8": m["VC8"],
+        "VC16": m["VC16"],
+        "fps": frames / seconds,
+        "per_class_IoU": m["per_class_IoU"],
+    }
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -103,15 +156,21 @@ def main() -> None:
     p.add_argument("--frames-refiner", type=int, default=5)
     p.add_argument("--skip-tta", action="store_true")
     args = p.parse_args()
-    runs = {m: {s: args.out / f"{s}{'_mvc' if m else ''}" for s in ("segmenter", "tracker", "refiner")}
-            for m in (False, True)}
+    runs = {
+        m: {s: args.out / f"{s}{'_mvc' if m else ''}" for s in ("segmenter", "tracker", "refiner")}
+        for m in (False, True)
+    }
 
     # 1-2. the training chain, the MVC and plain chains side by side
     budgets = {"segmenter": args.budget_seg, "tracker": args.budget_tracker, "refiner": args.budget_refiner}
     previous = {False: None, True: None}
     for stage in ("segmenter", "tracker", "refiner"):
-        run_parallel([(train_cmd(args, stage, runs[m][stage], budgets[stage], m, previous[m]), runs[m][stage])
-                      for m in (False, True)])
+        run_parallel(
+            [
+                (train_cmd(args, stage, runs[m][stage], budgets[stage], m, previous[m]), runs[m][stage])
+                for m in (False, True)
+            ]
+        )
         previous = {m: runs[m][stage] / "last.pt" for m in (False, True)}
 
     # 3. evaluation
@@ -123,16 +182,19 @@ def main() -> None:
     final = str(runs[True]["refiner"] / "last.pt")
     if not args.skip_tta:
         # the MVC paper's Table 3 rows (vote), and the U2PL-style mean on the full view set
-        views = {"vote_s1.0_flip": ["--tta-scales", "1.0"],
-                 "vote_s1.0-1.2": ["--tta-scales", "1.0,1.1,1.2", "--no-tta-flip"],
-                 "vote_s1.0-1.2_flip": ["--tta-scales", "1.0,1.1,1.2"],
-                 "vote_s0.9-1.2": ["--tta-scales", "0.9,1.0,1.1,1.2", "--no-tta-flip"],
-                 "vote_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2"],
-                 "mean_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2", "--tta-merge", "mean"]}
+        views = {
+            "vote_s1.0_flip": ["--tta-scales", "1.0"],
+            "vote_s1.0-1.2": ["--tta-scales", "1.0,1.1,1.2", "--no-tta-flip"],
+            "vote_s1.0-1.2_flip": ["--tta-scales", "1.0,1.1,1.2"],
+            "vote_s0.9-1.2": ["--tta-scales", "0.9,1.0,1.1,1.2", "--no-tta-flip"],
+            "vote_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2"],
+            "mean_s0.9-1.2_flip": ["--tta-scales", "0.9,1.0,1.1,1.2", "--tta-merge", "mean"],
+        }
         for key, extra in views.items():
             merge = [] if "--tta-merge" in extra else ["--tta-merge", "vote"]
-            table[f"tta_{key}"] = predict_and_score(args, f"tta_{key}",
-                                                    ["--checkpoint", final, "--tta", *merge, *extra])
+            table[f"tta_{key}"] = predict_and_score(
+                args, f"tta_{key}", ["--checkpoint", final, "--tta", *merge, *extra]
+            )
     refiners = [str(runs[mvc]["refiner"] / "last.pt") for mvc in (True, False)]
     table["aggregate"] = predict_and_score(args, "aggregate", ["--aggregate", *refiners])
     write_table(table, args.out / "results.json")

@@ -23,7 +23,6 @@ def test_data() -> Path:
     return DATA
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The whole suite runs single-threaded, restored at the end: its tensors are tiny, and on a

@@ -1,7 +1,7 @@
 """Helpers shared by the tests: the scripts' entry points, and the torchrun wrapper."""
 
-import runpy
 from pathlib import Path
+import runpy
 
 REPO = Path(__file__).resolve().parents[1]
 

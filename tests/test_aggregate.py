@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from vss.aggregate import (
-    FARNEBACK_PARAMS,
     aggregate_prediction_dirs,
     backward_flows,
     choose_per_video,
+    FARNEBACK_PARAMS,
     temporal_ssim,
     warp_labels,
 )
@@ -139,18 +139,14 @@ def test_aggregate_prediction_dirs(tmp_path):
         assert p.read_bytes() == (tmp_path / "consistent" / video / p.name).read_bytes()
         np.testing.assert_array_equal(read_label_png(p), labels[t])
     # the same from frame arrays
-    report2 = aggregate_prediction_dirs(
-        cand_dirs, {video: frames}, tmp_path / "out2", num_classes=3
-    )
+    report2 = aggregate_prediction_dirs(cand_dirs, {video: frames}, tmp_path / "out2", num_classes=3)
     assert report2[video]["choice"] == report[video]["choice"]
     # bad inputs name the folder
     with pytest.raises(ValueError, match="do not match"):
         aggregate_prediction_dirs(cand_dirs, {video: frame_paths[:-1]}, tmp_path / "out3")
     with pytest.raises(ValueError, match="predictions are"):
         aggregate_prediction_dirs(cand_dirs, {video: frames[:-1]}, tmp_path / "out3")
-    (tmp_path / "flicker" / video / f"{T - 1:05d}.png").rename(
-        tmp_path / "flicker" / video / "x.png"
-    )
+    (tmp_path / "flicker" / video / f"{T - 1:05d}.png").rename(tmp_path / "flicker" / video / "x.png")
     with pytest.raises(ValueError, match="PNG names differ"):
         aggregate_prediction_dirs(cand_dirs, {video: frames}, tmp_path / "out3")
     with pytest.raises(FileNotFoundError, match="missing_video"):

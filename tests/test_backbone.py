@@ -19,18 +19,18 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from vss.backbone import (
-    LEVELS,
-    DinoVisionTransformer,
-    FrozenBatchNorm2d,
-    ResNet,
-    ViTBackbone,
     build_backbone,
     build_vit,
+    DinoVisionTransformer,
+    FrozenBatchNorm2d,
+    LEVELS,
     load_backbone_weights,
+    ResNet,
+    ViTBackbone,
 )
 from vss.config import ModelConfig, tiny, vitl
 
@@ -73,7 +73,7 @@ def _tiny_torchvision(test_data, depth: str) -> tuple[dict, dict, int]:
     meta = json.loads(z["meta"].item())
     assert meta["torchvision"].startswith("0.") and meta["models"][depth]["construction"].startswith("torchvision")
     prefix = f"{depth}/sd/"
-    sd = {k[len(prefix):]: torch.from_numpy(z[k]) for k in z.files if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: torch.from_numpy(z[k]) for k in z.files if k.startswith(prefix)}
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # float16 on disk, exact
     outputs = {k: torch.from_numpy(z[f"{depth}/{k}"]) for k in ("stem", *LEVELS, "pooled", "logits")}
     outputs["input"] = torch.from_numpy(z["input"])
@@ -241,14 +241,10 @@ def test_dinov2_fixture_detects_size_based_interpolation(test_data):
     vit.load_state_dict(sd, strict=True)
     with torch.no_grad():
         out = vit.eval().forward_features(torch.from_numpy(z["input"]))
-    assert (
-        out["x_norm_patchtokens"] - torch.from_numpy(z["x_norm_patchtokens"])
-    ).abs().max() > 1e-2
+    assert (out["x_norm_patchtokens"] - torch.from_numpy(z["x_norm_patchtokens"])).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize(
-    "name,key", [("vit_small", "dinov2_vits14"), ("vit_large", "dinov2_vitl14")]
-)
+@pytest.mark.parametrize("name,key", [("vit_small", "dinov2_vits14"), ("vit_large", "dinov2_vitl14")])
 def test_vit_has_dinov2_keys(test_data, name, key):
     expected = json.loads((test_data / "dinov2_keys.json").read_text())[key]
     with torch.device("meta"):
@@ -372,9 +368,7 @@ def test_load_backbone_weights_errors(test_data, tmp_path):
         load_backbone_weights(resnet, tmp_path / "dinov2.pth")
     # Right keys, wrong width: a shape mismatch naming the key.
     torch.save(ResNet("resnet18", width=16).state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(
-        ValueError, match=r"wide\.pth.*shape mismatch.*conv1\.weight \(16, 3, 7, 7\)"
-    ):
+    with pytest.raises(ValueError, match=r"wide\.pth.*shape mismatch.*conv1\.weight \(16, 3, 7, 7\)"):
         load_backbone_weights(resnet, tmp_path / "wide.pth")
     # A training checkpoint instead of a state dict.
     torch.save({"model": resnet.state_dict(), "step": 3}, tmp_path / "ckpt.pth")

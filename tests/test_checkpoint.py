@@ -13,8 +13,13 @@ from vss import checkpoint as ck
 
 
 def test_save_load_round_trip(tmp_path):
-    state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "stage": "segmenter",
-             "config": {"optim": {"lr_steps": (0.7, 0.9)}}, "best_miou": None}
+    state = {
+        "model": {"w": torch.randn(3, 4)},
+        "step": 7,
+        "stage": "segmenter",
+        "config": {"optim": {"lr_steps": (0.7, 0.9)}},
+        "best_miou": None,
+    }
     path = tmp_path / "sub" / "last.pt"
     ck.save_checkpoint(path, state)
     out = ck.load_checkpoint(path)
@@ -94,8 +99,13 @@ def test_truncated_and_missing(tmp_path):
 
 
 def _draw() -> tuple:
-    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
-            float(np.random.randn()), torch.rand(3).tolist())
+    return (
+        random.random(),
+        random.gauss(0, 1),
+        np.random.rand(3).tolist(),
+        float(np.random.randn()),
+        torch.rand(3).tolist(),
+    )
 
 
 def test_rng_state_round_trip(tmp_path):

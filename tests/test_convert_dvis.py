@@ -15,8 +15,8 @@ exact, label maps exact wherever the top-2 margin of the fixture's score volume 
 """
 
 import json
-import pickle
 from pathlib import Path
+import pickle
 
 import numpy as np
 import pytest
@@ -25,21 +25,40 @@ import torch.nn.functional as F
 
 import infer
 import train
-from vss.backbone import ResNet, load_backbone_weights
+from vss.backbone import load_backbone_weights, ResNet
 from vss.checkpoint import load_checkpoint
 from vss.config import Config, r50, vitl
-from vss.convert_dvis import (RestrictedUnpickler, check_keys, convert, convert_state_dict, detect_preset,
-                              detect_stage, expected_shapes, main, read_source, rename_key)
+from vss.convert_dvis import (
+    check_keys,
+    convert,
+    convert_state_dict,
+    detect_preset,
+    detect_stage,
+    expected_shapes,
+    main,
+    read_source,
+    rename_key,
+    RestrictedUnpickler,
+)
 from vss.data import normalize
 from vss.io import read_frame, read_label_png
 from vss.synthetic import render_dataset
-from vss.video_model import (_frame_scores, _PaddedVideo, _segmenter_mask_features, _video_level_classes,
-                             build_video_model, predict_video)
+from vss.video_model import (
+    _frame_scores,
+    _PaddedVideo,
+    _segmenter_mask_features,
+    _video_level_classes,
+    build_video_model,
+    predict_video,
+)
 
 ATOL, ATOL_MASK, MARGIN = 1e-4, 3e-4, 1e-4
 WINDOWS = [(0, 3), (3, 5)]  # WINDOW_SIZE 3 over T = 5 frames
 KEY_CONFIGS = {  # DVIS++ config -> the vss stage its checkpoint becomes
-    "CTVIS": "segmenter", "DVIS_Plus_Online": "tracker", "DVIS_Plus_Offline": "refiner"}
+    "CTVIS": "segmenter",
+    "DVIS_Plus_Online": "tracker",
+    "DVIS_Plus_Offline": "refiner",
+}
 
 
 def fixture_config() -> Config:
@@ -58,7 +77,7 @@ def fixture_config() -> Config:
 
 
 def _tensors(z, prefix: str) -> dict:
-    return {k[len(prefix):]: torch.from_numpy(z[k]) for k in z.keys() if k.startswith(prefix)}
+    return {k[len(prefix) :]: torch.from_numpy(z[k]) for k in z.keys() if k.startswith(prefix)}
 
 
 def _close(actual, expected, atol=ATOL, name=""):
@@ -79,8 +98,13 @@ def _vss_labels(class_probs, masks_qthw, z):
     """The VSS label map from (Q,K) class probabilities and (Q,T,h,w) mask logits, by vss's merge
     (``_frame_scores``), and the top-2 margin of the scores."""
     valid, padded, out = (tuple(int(v) for v in z[f"in/{k}"]) for k in ("img_size", "first_resize_size", "out_hw"))
-    scores = torch.stack([_frame_scores(class_probs, masks_qthw[:, t], padded, valid, out, sigmoid_first=True)
-                          for t in range(masks_qthw.shape[1])], dim=1)  # (K,T,H,W)
+    scores = torch.stack(
+        [
+            _frame_scores(class_probs, masks_qthw[:, t], padded, valid, out, sigmoid_first=True)
+            for t in range(masks_qthw.shape[1])
+        ],
+        dim=1,
+    )  # (K,T,H,W)
     top2 = scores.topk(2, dim=0).values
     return scores.argmax(0), top2[0] - top2[1]
 
@@ -123,8 +147,14 @@ def _online_labels(out, z, part):
     pred_cls = out["pred_logits"][0].mean(0)  # (Q,K+1)
     _close(pred_cls, z[f"{part}/vss_on/pred_cls"], name="vss_on/pred_cls")
     labels, _ = _vss_labels(_probs(pred_cls), _bqthw(out["pred_masks"])[0], z)
-    _assert_labels(labels, _probs(torch.from_numpy(z[f"{part}/vss_on/pred_cls"])),
-                   torch.from_numpy(z[f"{part}/vss_on/pred_masks"]), z, z[f"{part}/vss_on/labels"], "vss_on")
+    _assert_labels(
+        labels,
+        _probs(torch.from_numpy(z[f"{part}/vss_on/pred_cls"])),
+        torch.from_numpy(z[f"{part}/vss_on/pred_masks"]),
+        z,
+        z[f"{part}/vss_on/labels"],
+        "vss_on",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,13 +179,26 @@ def test_fixture_config_is_the_fixture_meta(official):
     dims = json.loads(official["meta"].item())["dims"]
     m = fixture_config().model
     assert (m.num_classes, m.num_queries, m.hidden_dim, m.conv_dim, m.mask_dim, m.nheads) == (
-        dims["num_classes"], dims["num_queries"], dims["hidden_dim"], dims["conv_dim"], dims["mask_dim"],
-        dims["nheads"])
+        dims["num_classes"],
+        dims["num_queries"],
+        dims["hidden_dim"],
+        dims["conv_dim"],
+        dims["mask_dim"],
+        dims["nheads"],
+    )
     assert (m.dim_feedforward, m.dec_layers, m.enc_layers, m.enc_ffn_dim, m.reid_hidden_dim) == (
-        dims["dim_feedforward"], dims["decoder_transformer_layers"], dims["pixel_decoder_enc_layers"],
-        dims["pixel_decoder_dim_feedforward"], dims["reid_hidden_dim"])
+        dims["dim_feedforward"],
+        dims["decoder_transformer_layers"],
+        dims["pixel_decoder_enc_layers"],
+        dims["pixel_decoder_dim_feedforward"],
+        dims["reid_hidden_dim"],
+    )
     assert (2 * m.hidden_dim, m.tracker_layers, m.refiner_layers, m.window_size) == (
-        dims["tracker_hidden"], dims["tracker_layers"], dims["refiner_layers"], dims["window_size"])
+        dims["tracker_hidden"],
+        dims["tracker_layers"],
+        dims["refiner_layers"],
+        dims["window_size"],
+    )
 
 
 def test_part_a_pixel_decoder_and_segmenter_match_the_original(official, fixture_model):
@@ -177,12 +220,16 @@ def test_part_a_pixel_decoder_and_segmenter_match_the_original(official, fixture
     _close(cat(lambda o: o["pred_masks"]).transpose(0, 1)[None], z["a/seg/pred_masks"], ATOL_MASK, "pred_masks")
     for key in ("pred_embds", "pred_embds_without_norm"):  # (N,Q,2D) -> (1,2D,T,Q)
         _close(cat(lambda o: o[key]).permute(2, 0, 1)[None], z[f"a/seg/{key}"], name=key)
-    reid = cat(lambda o: o["pred_embds"])[..., fixture_config().model.hidden_dim:]
+    reid = cat(lambda o: o["pred_embds"])[..., fixture_config().model.hidden_dim :]
     _close(reid.permute(2, 0, 1)[None], z["a/seg/pred_reid_embed"], name="reid")
     for j in range(3):  # from the learnable queries, after layers 1 and 2
         _close(cat(lambda o: o["aux_outputs"][j]["pred_logits"])[None], z[f"a/seg/aux{j}/pred_logits"], name=f"aux{j}")
-        _close(cat(lambda o: o["aux_outputs"][j]["pred_masks"]).transpose(0, 1)[None], z[f"a/seg/aux{j}/pred_masks"],
-               ATOL_MASK, f"aux{j} masks")
+        _close(
+            cat(lambda o: o["aux_outputs"][j]["pred_masks"]).transpose(0, 1)[None],
+            z[f"a/seg/aux{j}/pred_masks"],
+            ATOL_MASK,
+            f"aux{j} masks",
+        )
 
 
 @pytest.mark.parametrize("part", ["a", "c"])
@@ -196,8 +243,9 @@ def test_tracker_refiner_and_vss_merge_match_the_original(official, fixture_mode
     with torch.no_grad():
         trk = _run_tracker(fixture_model.tracker, embds, no_norm, mask_features)
         # the refiner reads the segmenter's un-reordered no-norm queries and un-projected features
-        ref = fixture_model.refiner(trk["pred_embds"], no_norm.permute(0, 2, 3, 1), mask_features[None],
-                                    all_layers=False)
+        ref = fixture_model.refiner(
+            trk["pred_embds"], no_norm.permute(0, 2, 3, 1), mask_features[None], all_layers=False
+        )
     _check_tracker(trk, z, part)
     if part == "c":
         perms = z["c/in/perms"]
@@ -210,10 +258,18 @@ def test_tracker_refiner_and_vss_merge_match_the_original(official, fixture_mode
     _close(pred_cls, z[f"{part}/vss_off/pred_cls"], name="vss_off/pred_cls")
     _close(aux_cls, z[f"{part}/vss_off/aux_pred_cls"], name="vss_off/aux_pred_cls")
     labels, _ = _vss_labels(torch.maximum(_probs(pred_cls), _probs(aux_cls)), _bqthw(ref["pred_masks"])[0], z)
-    fixture_probs = torch.maximum(_probs(torch.from_numpy(z[f"{part}/vss_off/pred_cls"])),
-                                  _probs(torch.from_numpy(z[f"{part}/vss_off/aux_pred_cls"])))
-    _assert_labels(labels, fixture_probs, torch.from_numpy(z[f"{part}/vss_off/pred_masks"]), z,
-                   z[f"{part}/vss_off/labels"], "vss_off")
+    fixture_probs = torch.maximum(
+        _probs(torch.from_numpy(z[f"{part}/vss_off/pred_cls"])),
+        _probs(torch.from_numpy(z[f"{part}/vss_off/aux_pred_cls"])),
+    )
+    _assert_labels(
+        labels,
+        fixture_probs,
+        torch.from_numpy(z[f"{part}/vss_off/pred_masks"]),
+        z,
+        z[f"{part}/vss_off/labels"],
+        "vss_off",
+    )
     _online_labels(trk, z, part)
 
 
@@ -236,15 +292,22 @@ def test_part_b_end_to_end_matches_the_original_forward(official, fixture_model)
             labels = predict_video(model, frames, out_hw)["labels"]
             video = _PaddedVideo(frames, 3, 32, torch.device("cpu"), None)
             class_probs, mask_head = _video_level_classes(model, video)
-            masks = torch.cat([mask_head(s, t, _segmenter_mask_features(model.segmenter, video.load(s, t)))
-                               for s, t in video.windows]).transpose(0, 1)  # (Q,T,h,w)
+            masks = torch.cat(
+                [mask_head(s, t, _segmenter_mask_features(model.segmenter, video.load(s, t))) for s, t in video.windows]
+            ).transpose(0, 1)  # (Q,T,h,w)
             expected_probs = _probs(torch.from_numpy(z[f"b/vss_{kind}/pred_cls"]))
             if kind == "off":
                 expected_probs = torch.maximum(expected_probs, _probs(torch.from_numpy(z["b/vss_off/aux_pred_cls"])))
             _close(class_probs, expected_probs, name=f"{kind} class probabilities")
             _close(masks, z[f"b/vss_{kind}/pred_masks"], ATOL_MASK, f"{kind} masks")
-            _assert_labels(labels, expected_probs, torch.from_numpy(z[f"b/vss_{kind}/pred_masks"]), z,
-                           z[f"b/vss_{kind}/labels"], f"b/vss_{kind}")
+            _assert_labels(
+                labels,
+                expected_probs,
+                torch.from_numpy(z[f"b/vss_{kind}/pred_masks"]),
+                z,
+                z[f"b/vss_{kind}/labels"],
+                f"b/vss_{kind}",
+            )
 
 
 def test_tracker_subset_in_the_repository_matches_the_original(test_data):
@@ -252,7 +315,7 @@ def test_tracker_subset_in_the_repository_matches_the_original(test_data):
     z = np.load(test_data / "dvis_plus_tracker_subset.npz")
     model = build_video_model(fixture_config(), "tracker").eval()
     tracker_state = {k: v for k, v in convert_state_dict(_tensors(z, "sd/")).items() if k.startswith("tracker.")}
-    model.tracker.load_state_dict({k[len("tracker."):]: v for k, v in tracker_state.items()}, strict=True)
+    model.tracker.load_state_dict({k[len("tracker.") :]: v for k, v in tracker_state.items()}, strict=True)
     with torch.no_grad():
         inputs = (torch.from_numpy(z[f"c/in/{k}"]) for k in ("pred_embds", "pred_embds_without_norm", "mask_features"))
         out = _run_tracker(model.tracker, *inputs)
@@ -319,8 +382,11 @@ def test_read_source_formats_and_refusals(tmp_path):
     # detectron2 model zoo: a pickle of numpy arrays (protocols 2 and 5)
     for protocol in (2, 5):
         path = tmp_path / f"zoo{protocol}.pkl"
-        path.write_bytes(pickle.dumps({"model": arrays, "__author__": "Detectron2 Model Zoo",
-                                       "matching_heuristics": True}, protocol=protocol))
+        path.write_bytes(
+            pickle.dumps(
+                {"model": arrays, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, protocol=protocol
+            )
+        )
         sd = read_source(path)
         assert sd.keys() == arrays.keys() and torch.equal(sd["tracker.x"], torch.arange(3.0, dtype=torch.float64))
     # a .pth with a "model" dict, and a bare state dict
@@ -367,8 +433,11 @@ def test_strict_check_lists_missing_unexpected_and_mismatched_keys(tmp_path):
     assert main(cli) == 2
     assert not (tmp_path / "x.pt").exists()
     # a preset of the wrong size: counted, the first ten of each kind named
-    with pytest.raises(ValueError, match=r"245 missing: .*439 mismatched \(file vs model\): "
-                                         r"segmenter\.backbone\.conv1\.weight \(16, 3, 7, 7\) vs \(64, 3, 7, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"245 missing: .*439 mismatched \(file vs model\): "
+        r"segmenter\.backbone\.conv1\.weight \(16, 3, 7, 7\) vs \(64, 3, 7, 7\)",
+    ):
         convert(tmp_path / "bad.pth", preset="r50")
     with pytest.raises(ValueError, match="no refiner weights"):
         convert(tmp_path / "bad.pth", config=cfg, stage="refiner")
@@ -377,8 +446,11 @@ def test_strict_check_lists_missing_unexpected_and_mismatched_keys(tmp_path):
 def test_bare_detectron2_resnet_becomes_backbone_weights(tmp_path):
     resnet = ResNet("resnet50", width=8, stem_channels=16, res2_channels=64, frozen_bn=True)
     layout = json.loads((Path(__file__).parent / "data" / "dvis_plus_r50_vspw_keys.json").read_text())
-    inverse = {rename_key(k)[len("segmenter.backbone."):]: k[len("backbone."):]
-               for k in layout["CTVIS_R50"] if k.startswith("backbone.")}
+    inverse = {
+        rename_key(k)[len("segmenter.backbone.") :]: k[len("backbone.") :]
+        for k in layout["CTVIS_R50"]
+        if k.startswith("backbone.")
+    }
     arrays = {inverse[k]: v.numpy() for k, v in resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
     arrays.update({"stem.fc.weight": np.zeros((3, 2048), np.float32), "stem.fc.bias": np.zeros(3, np.float32)})
     (tmp_path / "R-50.pkl").write_bytes(pickle.dumps({"model": arrays, "__author__": "torchvision"}, protocol=2))
@@ -408,8 +480,16 @@ def converted(tmp_path_factory):
     (base / "offline.pkl").write_bytes(pickle.dumps({"model": arrays, "__author__": "test"}, protocol=2))
     (base / "cfg.json").write_text(cfg.to_json())
     assert main([str(base / "offline.pkl"), "--out", str(base / "offline.pt"), "--config", str(base / "cfg.json")]) == 0
-    data = render_dataset(base / "data", num_videos=2, frames=(4, 4), height=48, width=64, num_classes=5, seed=1,
-                          splits={"train": 0.5, "val": 0.5})
+    data = render_dataset(
+        base / "data",
+        num_videos=2,
+        frames=(4, 4),
+        height=48,
+        width=64,
+        num_classes=5,
+        seed=1,
+        splits={"train": 0.5, "val": 0.5},
+    )
     return {"base": base, "model": model.eval(), "ckpt": base / "offline.pt", "data": data}
 
 
@@ -419,8 +499,24 @@ def test_converted_checkpoint_has_the_weights_and_predicts_with_infer(converted,
     state = converted["model"].state_dict()
     assert ckpt["model"].keys() == state.keys() and all(torch.equal(ckpt["model"][k], state[k]) for k in state)
     out = tmp_path / "pred"
-    assert infer.main(["--checkpoint", str(converted["ckpt"]), "--data", str(converted["data"]), "--split", "val",
-                       "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        infer.main(
+            [
+                "--checkpoint",
+                str(converted["ckpt"]),
+                "--data",
+                str(converted["data"]),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     video = (converted["data"] / "val.txt").read_text().split()[0]
     images = np.stack([read_frame(p) for p in sorted((converted["data"] / "data" / video / "origin").glob("*.jpg"))])
     expected = predict_video(converted["model"], normalize(images, Config().data), images.shape[1:3])["labels"]
@@ -431,8 +527,26 @@ def test_converted_checkpoint_has_the_weights_and_predicts_with_infer(converted,
 @pytest.mark.parametrize("stage", ["segmenter", "tracker", "refiner"])
 def test_train_init_from_a_converted_checkpoint(converted, tmp_path, stage):
     out = tmp_path / stage
-    argv = ["--init", str(converted["ckpt"]), "--stage", stage, "--data", str(converted["data"]), "--out", str(out),
-            "--workers", "0", "--eval-every", "0", "--iters", "1", "--frames", "2", "--lr", "0"]
+    argv = [
+        "--init",
+        str(converted["ckpt"]),
+        "--stage",
+        stage,
+        "--data",
+        str(converted["data"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--iters",
+        "1",
+        "--frames",
+        "2",
+        "--lr",
+        "0",
+    ]
     assert train.main(argv) == 0
     after = load_checkpoint(out / "last.pt")
     start = converted["model"].state_dict()

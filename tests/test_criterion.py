@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import vss.criterion as criterion_mod
 from vss.config import LossConfig
-from vss.criterion import SetCriterion, average_num_masks, reid_contrastive_loss
+import vss.criterion as criterion_mod
+from vss.criterion import average_num_masks, reid_contrastive_loss, SetCriterion
 from vss.matcher import HungarianMatcher, point_sample
 
 K = 4  # classes
@@ -29,10 +29,13 @@ def _grid_coords(num_masks, n):
 @pytest.fixture
 def forced_points(monkeypatch):
     """Replace the random/uncertainty point choice of the loss by a fixed n x n grid."""
+
     def install(n):
         def fake(logits, num_points, oversample_ratio, importance_sample_ratio):
             return _grid_coords(logits.shape[0], n)
+
         monkeypatch.setattr(criterion_mod, "uncertain_point_coords", fake)
+
     return install
 
 
@@ -58,14 +61,17 @@ def _outputs(gen, n, q, hw=(6, 8), num_aux=2, requires_grad=False):
         logits = (torch.randn(n, q, K + 1, generator=gen) * 2).requires_grad_(requires_grad)
         masks = (torch.randn(n, q, *hw, generator=gen) * 3).requires_grad_(requires_grad)
         return {"pred_logits": logits, "pred_masks": masks}
+
     out = one()
     out["aux_outputs"] = [one() for _ in range(num_aux)]
     return out
 
 
 def _targets(gen, counts, hw=(12, 16)):
-    return [{"labels": torch.randint(0, K, (m,), generator=gen),
-             "masks": torch.rand(m, *hw, generator=gen) > 0.5} for m in counts]
+    return [
+        {"labels": torch.randint(0, K, (m,), generator=gen), "masks": torch.rand(m, *hw, generator=gen) > 0.5}
+        for m in counts
+    ]
 
 
 def _hand_ce(logits, targets, indices, no_object_weight):
@@ -128,7 +134,8 @@ def test_class_loss_no_object_weight_by_hand():
         assert losses["loss_ce"].item() == pytest.approx(hand, rel=1e-5)
     # The two weights give different numbers, so the check above can tell them apart.
     assert _hand_ce(out["pred_logits"], targets, indices, 0.1) != pytest.approx(
-        _hand_ce(out["pred_logits"], targets, indices, 1.0), rel=1e-3)
+        _hand_ce(out["pred_logits"], targets, indices, 1.0), rel=1e-3
+    )
 
 
 def test_mask_losses_tiny_masks_hand_values(forced_points):
@@ -139,8 +146,9 @@ def test_mask_losses_tiny_masks_hand_values(forced_points):
     pred_masks[0, 0] = torch.tensor([[0.0, 2.0], [-2.0, 0.0]])
     pred_masks[0, 2] = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
     tgt_small = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])  # (M,2,2)
-    targets = [{"labels": torch.tensor([1, 2]),
-                "masks": tgt_small.repeat_interleave(2, -1).repeat_interleave(2, -2).bool()}]
+    targets = [
+        {"labels": torch.tensor([1, 2]), "masks": tgt_small.repeat_interleave(2, -1).repeat_interleave(2, -2).bool()}
+    ]
     out = {"pred_logits": torch.zeros(1, 3, K + 1), "pred_masks": pred_masks}
     indices = _indices(([0, 2], [1, 0]))
     crit = SetCriterion(K, NoMatcher(), LossConfig(num_points=4))
@@ -151,6 +159,7 @@ def test_mask_losses_tiny_masks_hand_values(forced_points):
 
     def sig(x):
         return 1 / (1 + math.exp(-x))
+
     # query 0 vs target 1 = [[1,0],[0,0]]: logits 0, 2, -2, 0
     bce0 = (sp(0) - 0 + sp(2) + sp(-2) + sp(0)) / 4
     dice0 = 1 - (2 * sig(0) + 1) / (sig(0) + sig(2) + sig(-2) + sig(0) + 1 + 1)
@@ -266,6 +275,7 @@ def test_num_masks_normalisation_duplicated_batch(forced_points):
 
     def dup(o):
         return {"pred_logits": torch.cat([o["pred_logits"]] * 2), "pred_masks": torch.cat([o["pred_masks"]] * 2)}
+
     out2 = dup(out)
     out2["aux_outputs"] = [dup(a) for a in out["aux_outputs"]]
     double = crit(out2, targets * 2, indices=indices * 2)
@@ -310,6 +320,7 @@ def test_self_matching_finds_planted_assignment(forced_points):
         masks = torch.full((1, 4, 2, 2), -8.0)
         masks[0, qa, 0] = masks[0, qb, 1] = 8.0
         return {"pred_logits": logits, "pred_masks": masks}
+
     out = planted(0, 1)
     out["aux_outputs"] = [planted(2, 3), planted(3, 0)]
     losses = SetCriterion(K, HungarianMatcher(num_points=32), LossConfig(num_points=16))(out, targets)
@@ -345,12 +356,18 @@ def test_losses_float32_under_autocast(forced_points):
     targets = _targets(gen, [2, 2])
     indices = _indices(([0, 3], [1, 0]), ([1, 2], [0, 1]))
     crit = SetCriterion(K, NoMatcher(), LossConfig(num_points=16))
-    half = {"pred_logits": out["pred_logits"].bfloat16(), "pred_masks": out["pred_masks"].bfloat16(),
-            "aux_outputs": [{k: v.bfloat16() for k, v in a.items()} for a in out["aux_outputs"]]}
+    half = {
+        "pred_logits": out["pred_logits"].bfloat16(),
+        "pred_masks": out["pred_masks"].bfloat16(),
+        "aux_outputs": [{k: v.bfloat16() for k, v in a.items()} for a in out["aux_outputs"]],
+    }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = crit(half, targets, indices=indices)
-    ref_in = {"pred_logits": half["pred_logits"].float(), "pred_masks": half["pred_masks"].float(),
-              "aux_outputs": [{k: v.float() for k, v in a.items()} for a in half["aux_outputs"]]}
+    ref_in = {
+        "pred_logits": half["pred_logits"].float(),
+        "pred_masks": half["pred_masks"].float(),
+        "aux_outputs": [{k: v.float() for k, v in a.items()} for a in half["aux_outputs"]],
+    }
     ref = crit(ref_in, targets, indices=indices)
     for key in ref:
         assert low[key].dtype == torch.float32
@@ -367,8 +384,13 @@ def test_reid_contrastive_loss_formula():
     loss = reid_contrastive_loss(a, pos, neg, pos_valid, neg_valid)
     hand = 0.0
     for i in range(3):
-        s = sum(math.exp((neg[i, n] @ a[i] - pos[i, p] @ a[i]).item())
-                for p in range(2) if pos_valid[i, p] for n in range(4) if neg_valid[i, n])
+        s = sum(
+            math.exp((neg[i, n] @ a[i] - pos[i, p] @ a[i]).item())
+            for p in range(2)
+            if pos_valid[i, p]
+            for n in range(4)
+            if neg_valid[i, n]
+        )
         hand += math.log(1 + s)
     assert loss.item() == pytest.approx(hand / 3, rel=1e-5)
     # Large dot products stay finite (logsumexp), and gradients flow.
@@ -402,6 +424,7 @@ def test_average_num_masks_across_ranks(tmp_path):
 def test_video_level_criterion_with_flattened_clips(forced_points):
     # The refiner's use: clips as tall images and T * num_points points (config via replace).
     from vss.matcher import flatten_clip_masks
+
     forced_points(4)
     gen = torch.Generator().manual_seed(8)
     num_frames = 3

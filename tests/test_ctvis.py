@@ -33,8 +33,12 @@ class Tracklet:
                 self.fused = positive
             else:
                 previous = torch.cat([e for e in self.reid_embeds[:-1] if e is not None])
-                sim = torch.sum(torch.einsum("bc,c->b", F.normalize(previous, dim=-1),
-                                             F.normalize(positive.squeeze(), dim=-1))) / self.exist_frames
+                sim = (
+                    torch.sum(
+                        torch.einsum("bc,c->b", F.normalize(previous, dim=-1), F.normalize(positive.squeeze(), dim=-1))
+                    )
+                    / self.exist_frames
+                )
                 beta = max(0, sim)
                 self.fused = (1 - beta) * self.fused + beta * positive
             self.fused_list.append(self.fused)
@@ -49,8 +53,8 @@ class Tracklet:
                 positive = self.fused_list[frame_id - 1]
             else:
                 positive = [e for e in self.reid_embeds[:frame_id] if e is not None][-1]
-        elif any(e is not None for e in self.reid_embeds[frame_id + 1:]):  # exists after (see vss.ctvis)
-            positive = [e for e in self.reid_embeds[frame_id + 1:] if e is not None][0]
+        elif any(e is not None for e in self.reid_embeds[frame_id + 1 :]):  # exists after (see vss.ctvis)
+            positive = [e for e in self.reid_embeds[frame_id + 1 :] if e is not None][0]
         return anchor, positive, self.negative_embeds[frame_id - 1]
 
 
@@ -80,9 +84,13 @@ def reference_loss(reid, slots, generator):
                 pos_neg = torch.cat([positive, negative])
                 label = torch.zeros(pos_neg.shape[0], dtype=torch.int64)
                 label[:1] = 1
-                items.append((torch.einsum("ac,kc->ak", pos_neg, anchor),
-                              torch.einsum("ac,kc->ak", F.normalize(pos_neg, dim=1), F.normalize(anchor, dim=1)),
-                              label))
+                items.append(
+                    (
+                        torch.einsum("ac,kc->ak", pos_neg, anchor),
+                        torch.einsum("ac,kc->ak", F.normalize(pos_neg, dim=1), F.normalize(anchor, dim=1)),
+                        label,
+                    )
+                )
     contras, aux = 0, 0
     for dot, cos, label in items:
         pred, label = dot.permute(1, 0), label[None]
@@ -90,8 +98,12 @@ def reference_loss(reid, slots, generator):
         pred_pos, pred_neg = pred * pos.float(), pred * neg.float()
         pred_pos[neg] = pred_pos[neg] + float("inf")
         pred_neg[pos] = pred_neg[pos] + float("-inf")
-        x = F.pad(pred_neg.repeat(1, pred.shape[1]) - torch.repeat_interleave(pred_pos, pred.shape[1], dim=1),
-                  (0, 1), "constant", 0)
+        x = F.pad(
+            pred_neg.repeat(1, pred.shape[1]) - torch.repeat_interleave(pred_pos, pred.shape[1], dim=1),
+            (0, 1),
+            "constant",
+            0,
+        )
         contras = contras + torch.logsumexp(x, dim=1)
         aux = aux + ((cos.permute(1, 0) - label) ** 2).mean()
     return contras.sum() / len(items), aux / len(items), len(items)
@@ -131,8 +143,12 @@ def test_no_items_gives_a_zero_in_the_graph():
 def test_frame_slots_maps_frame_targets_to_clip_classes():
     clip_labels = [torch.tensor([0, 3, 5]), torch.tensor([2])]
     frame_labels = [torch.tensor([5, 0]), torch.tensor([3]), torch.tensor([2]), torch.tensor([], dtype=torch.long)]
-    assignments = [(torch.tensor([4, 1]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0])),
-                   (torch.tensor([0]), torch.tensor([0])), (torch.tensor([], dtype=torch.long),) * 2]
+    assignments = [
+        (torch.tensor([4, 1]), torch.tensor([0, 1])),
+        (torch.tensor([2]), torch.tensor([0])),
+        (torch.tensor([0]), torch.tensor([0])),
+        (torch.tensor([], dtype=torch.long),) * 2,
+    ]
     slots = frame_slots(assignments, frame_labels, clip_labels, num_frames=2)
     assert slots.tolist() == [[[1, -1, 4], [-1, 2, -1]], [[0, -1, -1], [-1, -1, -1]]]
 
@@ -145,8 +161,14 @@ def _clips(num, frames, seed):
         imgs, masks = render_video(seed + i, frames=frames, height=32, width=48, num_classes=4)
         labels = torch.from_numpy(shift_labels(np.stack(masks))).long()
         labels[labels >= 4] = 255
-        items.append({"frames": normalize(np.stack(imgs), cfg), "labels": labels, "video": str(i),
-                      "frame_names": [str(t) for t in range(frames)]})
+        items.append(
+            {
+                "frames": normalize(np.stack(imgs), cfg),
+                "labels": labels,
+                "video": str(i),
+                "frame_names": [str(t) for t in range(frames)],
+            }
+        )
     return items
 
 
@@ -158,12 +180,22 @@ def _separation(model, matcher, batches):
         for batch in batches:
             out = model.segmenter(batch["frames"].flatten(0, 1))
             targets = [{"labels": tg["labels"], "masks": tg["masks"]} for tg in batch["targets"]]
-            frame_targets = [{"labels": tg["labels"][tg["masks"][:, t].flatten(1).any(1)],
-                              "masks": tg["masks"][tg["masks"][:, t].flatten(1).any(1), t]}
-                             for tg in targets for t in range(2)]
-            slots = frame_slots(matcher.match_batch({"pred_logits": out["pred_logits"],
-                                                     "pred_masks": out["pred_masks"]}, frame_targets),
-                                [f["labels"] for f in frame_targets], [tg["labels"] for tg in targets], 2)
+            frame_targets = [
+                {
+                    "labels": tg["labels"][tg["masks"][:, t].flatten(1).any(1)],
+                    "masks": tg["masks"][tg["masks"][:, t].flatten(1).any(1), t],
+                }
+                for tg in targets
+                for t in range(2)
+            ]
+            slots = frame_slots(
+                matcher.match_batch(
+                    {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}, frame_targets
+                ),
+                [f["labels"] for f in frame_targets],
+                [tg["labels"] for tg in targets],
+                2,
+            )
             width = out["pred_embds"].shape[-1] // 2
             reid = F.normalize(out["pred_embds"][..., width:].unflatten(0, (len(targets), 2)), dim=-1)
             for b in range(len(targets)):
@@ -184,19 +216,33 @@ def test_a_tiny_ctvis_run_separates_classes_across_frames():
     m = cfg.model
     m.num_classes, m.resnet_width, m.conv_dim, m.mask_dim, m.hidden_dim = 4, 16, 64, 64, 32
     m.enc_layers, m.enc_ffn_dim, m.enc_heads, m.num_queries, m.nheads, m.dim_feedforward, m.dec_layers = (
-        1, 64, 2, 10, 2, 64, 3)
+        1,
+        64,
+        2,
+        10,
+        2,
+        64,
+        3,
+    )
     cfg.loss.num_points, cfg.loss.ctvis, cfg.optim.lr = 256, True, 1e-3
     train_items, held_out = _clips(8, 2, 0), _clips(4, 2, 100)
-    batches = [collate_clips(train_items[i:i + 2]) for i in range(0, 8, 2)]
-    test_batches = [collate_clips(held_out[i:i + 2]) for i in range(0, 4, 2)]
+    batches = [collate_clips(train_items[i : i + 2]) for i in range(0, 8, 2)]
+    test_batches = [collate_clips(held_out[i : i + 2]) for i in range(0, 4, 2)]
     model, criterion = STAGES["segmenter"].build(cfg, "segmenter")
     reid_head = {k: v.clone() for k, v in model.segmenter.transformer_decoder.reid_embed.state_dict().items()}
     before = _separation(model, criterion.matcher, test_batches)
     optimizer = build_optimizer(model, cfg.optim)
     for step in range(1, 61):
         model.train()
-        out = train_step(model, [batches[step % 4]], lambda mdl, b: STAGES["segmenter"].loss(mdl, criterion, b, step, cfg),
-                         optimizer, None, None, cfg.optim.clip_grad)
+        out = train_step(
+            model,
+            [batches[step % 4]],
+            lambda mdl, b: STAGES["segmenter"].loss(mdl, criterion, b, step, cfg),
+            optimizer,
+            None,
+            None,
+            cfg.optim.clip_grad,
+        )
         assert "loss_reid" in out and "loss_aux_reid" in out
     after = _separation(model, criterion.matcher, test_batches)
     assert after > 0.3 and after > before + 0.2, (before, after)

@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import pickle
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 from vss import data as D
 from vss import io as vio
 from vss.config import DataConfig
 
 # Colours far apart in RGB, so a pixel's class can be read back from its colour.
-PALETTE = np.array(
-    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]], np.uint8
-)
+PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]], np.uint8)
 
 
-def make_dataset(root: Path, videos: dict[str, int], size=(40, 48), num_classes=6, seed=0,
-                 classes_json=True) -> Path:
+def make_dataset(root: Path, videos: dict[str, int], size=(40, 48), num_classes=6, seed=0, classes_json=True) -> Path:
     """A tiny VSPW-layout dataset: frame j of a video has blocky class regions; the image colour
     is PALETTE[class] (so alignment can be checked), masks are raw (k+1), a void stripe = 255,
     a stripe of "others" = 0. Frame file numbers start at 7 to check sorting."""
@@ -49,8 +46,9 @@ def make_dataset(root: Path, videos: dict[str, int], size=(40, 48), num_classes=
             cv2.imwrite(str(root / "data" / name / "mask" / f"{stem}.png"), raw)
     (root / "train.txt").write_text("".join(f"{n}\n" for n in videos))
     if classes_json:
-        (root / "classes.json").write_text(json.dumps(
-            {"classes": [f"c{k}" for k in range(num_classes)], "palette": PALETTE[:num_classes].tolist()}))
+        (root / "classes.json").write_text(
+            json.dumps({"classes": [f"c{k}" for k in range(num_classes)], "palette": PALETTE[:num_classes].tolist()})
+        )
     return root
 
 
@@ -215,10 +213,12 @@ def test_clip_indices_short_video_padding():
 def test_evaluate_and_io_do_not_import_torch():
     """evaluate.py and vss.io (layout, PNG/JPEG decoding) run without importing torch; the
     training dataset in vss.data is an ordinary torch Dataset class that pickles (workers)."""
-    code = ("import sys; import evaluate, vss.io; assert 'torch' not in sys.modules, 'torch imported'; "
-            "import pickle, torch; from vss.data import VSPWDataset; "
-            "assert issubclass(VSPWDataset, torch.utils.data.Dataset); "
-            "assert pickle.loads(pickle.dumps(VSPWDataset)) is VSPWDataset")
+    code = (
+        "import sys; import evaluate, vss.io; assert 'torch' not in sys.modules, 'torch imported'; "
+        "import pickle, torch; from vss.data import VSPWDataset; "
+        "assert issubclass(VSPWDataset, torch.utils.data.Dataset); "
+        "assert pickle.loads(pickle.dumps(VSPWDataset)) is VSPWDataset"
+    )
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -336,9 +336,15 @@ def test_collate_pads_to_multiple_of_32():
     g = torch.Generator().manual_seed(0)
     items = []
     for i, (h, w) in enumerate([(40, 50), (33, 70)]):
-        items.append({"frames": torch.randn(2, 3, h, w, generator=g),
-                      "labels": torch.randint(0, 4, (2, h, w), generator=g),
-                      "video": f"v{i}", "frame_names": ["a", "b"], "frame_idx": [0, 1]})
+        items.append(
+            {
+                "frames": torch.randn(2, 3, h, w, generator=g),
+                "labels": torch.randint(0, 4, (2, h, w), generator=g),
+                "video": f"v{i}",
+                "frame_names": ["a", "b"],
+                "frame_idx": [0, 1],
+            }
+        )
     b = D.collate_clips(items)
     assert set(b) == {"frames", "labels", "targets", "videos", "frame_names"}
     assert b["frames"].shape == (2, 2, 3, 64, 96) and b["labels"].shape == (2, 2, 64, 96)
@@ -396,8 +402,9 @@ def test_camvid_layout_loads(shared_dir):
     root = shared_dir / "data" / "camvid_vspw"
     if not root.is_dir():
         pytest.skip(f"{root} absent")
-    ds = D.VSPWDataset(root, "val", num_frames=2,
-                       cfg=DataConfig(base_size=120, min_scale=1.0, max_scale=1.0, crop_size=(96, 128)))
+    ds = D.VSPWDataset(
+        root, "val", num_frames=2, cfg=DataConfig(base_size=120, min_scale=1.0, max_scale=1.0, crop_size=(96, 128))
+    )
     assert ds.num_classes == 11
     item = ds.load_clip(0, np.random.default_rng(0))
     lab = item["labels"]
@@ -484,9 +491,12 @@ def test_clip_transform_short_side_choice_and_crop_kinds():
     assert sizes == {(480, 640), (512, 683), (750, 1000)}
     assert all(cw >= 600 for ch, cw in crops if ch == 480)  # a 480-high frame keeps its height
     assert len({c for c in crops if c[0] > 600}) > 10  # heights drawn in the range when the frame allows
-    x, y = D.apply_clip_transform(np.zeros((2, 360, 480, 3), np.uint8), np.zeros((2, 360, 480), np.int64),
-                                  D.sample_clip_transform(np.random.default_rng(3), (360, 480), cfg, crop="range"),
-                                  cfg)
+    x, y = D.apply_clip_transform(
+        np.zeros((2, 360, 480, 3), np.uint8),
+        np.zeros((2, 360, 480), np.int64),
+        D.sample_clip_transform(np.random.default_rng(3), (360, 480), cfg, crop="range"),
+        cfg,
+    )
     assert x.shape[0] == 2 and x.shape[-2:] == y.shape[-2:] and min(x.shape[-2:]) >= 480
     with pytest.raises(ValueError, match="crop must be"):
         D.sample_clip_transform(np.random.default_rng(0), (360, 480), cfg, crop="centre")

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from vss.deform_attn import MSDeformAttn, encoder_reference_points, ms_deform_attn_core
+from vss.deform_attn import encoder_reference_points, ms_deform_attn_core, MSDeformAttn
 
 SHAPES = [(5, 7), (3, 4), (2, 3)]
 
@@ -34,10 +34,7 @@ def slow_core(value, shapes, locations, weights):
     out = torch.zeros(n, lq, heads, dh, dtype=value.dtype)
     for b in range(n):
         for m in range(heads):
-            maps = [
-                value[b, starts[l] : starts[l + 1], m].t().reshape(dh, h, w)
-                for l, (h, w) in enumerate(shapes)
-            ]
+            maps = [value[b, starts[l] : starts[l + 1], m].t().reshape(dh, h, w) for l, (h, w) in enumerate(shapes)]
             for q in range(lq):
                 for l in range(levels):
                     for p in range(points):
@@ -51,9 +48,7 @@ def random_inputs(n=2, lq=4, heads=2, dh=3, points=3, dtype=torch.float32, seed=
     s = sum(h * w for h, w in SHAPES)
     value = torch.randn(n, s, heads, dh, generator=g, dtype=dtype)
     # some locations fall outside [0, 1] to exercise the zero padding
-    locations = (
-        torch.rand(n, lq, heads, len(SHAPES), points, 2, generator=g, dtype=dtype) * 1.4 - 0.2
-    )
+    locations = torch.rand(n, lq, heads, len(SHAPES), points, 2, generator=g, dtype=dtype) * 1.4 - 0.2
     weights = torch.rand(n, lq, heads, len(SHAPES), points, generator=g, dtype=dtype)
     return value, locations, weights
 
@@ -83,14 +78,10 @@ def test_core_samples_pixel_centres_exactly():
 
 
 def test_core_gradcheck_float64():
-    value, locations, weights = random_inputs(
-        n=1, lq=2, heads=2, dh=2, points=2, dtype=torch.float64, seed=1
-    )
+    value, locations, weights = random_inputs(n=1, lq=2, heads=2, dh=2, points=2, dtype=torch.float64, seed=1)
     locations = locations.clamp(0.05, 0.95)
     inputs = tuple(t.requires_grad_() for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(
-        lambda v, loc, wt: ms_deform_attn_core(v, SHAPES, loc, wt), inputs
-    )
+    assert torch.autograd.gradcheck(lambda v, loc, wt: ms_deform_attn_core(v, SHAPES, loc, wt), inputs)
 
 
 def manual_module_forward(module: MSDeformAttn, query, ref, inp, shapes):
@@ -146,16 +137,13 @@ def test_deformable_detr_initialisation():
     torch.testing.assert_close(grid[2, 0, 1], torch.tensor([0.0, 2.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(grid[1, 1, 0], torch.tensor([1.0, 1.0]))
     assert (module.sampling_offsets.weight == 0).all()
-    assert (module.attention_weights.weight == 0).all() and (
-        module.attention_weights.bias == 0
-    ).all()
+    assert (module.attention_weights.weight == 0).all() and (module.attention_weights.bias == 0).all()
 
 
 def test_encoder_reference_points_are_pixel_centres():
     ref = encoder_reference_points([(2, 4), (1, 2)])
     assert ref.shape == (1, 10, 1, 2)
     expected = torch.tensor(
-        [[x, y] for y in (0.25, 0.75) for x in (0.125, 0.375, 0.625, 0.875)]
-        + [[0.25, 0.5], [0.75, 0.5]]
+        [[x, y] for y in (0.25, 0.75) for x in (0.125, 0.375, 0.625, 0.875)] + [[0.25, 0.5], [0.75, 0.5]]
     )
     torch.testing.assert_close(ref[0, :, 0], expected)

@@ -14,8 +14,6 @@ from vss import distributed as vd
 NUM_CLASSES = 5
 
 
-
-
 def confusion(target: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
     keep = target < k
     return torch.bincount(target[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
@@ -48,8 +46,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         gathered = vd.all_gather_cat(rows)
         objects = vd.all_gather_object({"rank": rank})
         shared = vd.broadcast_object("from-0" if rank == 0 else "other")
-        torch.save({"cm": cm, "gathered": gathered, "objects": objects, "shared": shared},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"cm": cm, "gathered": gathered, "objects": objects, "shared": shared},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
         vd.barrier()
     finally:
         vd.cleanup()
@@ -60,10 +60,12 @@ def test_two_process_gloo(tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     target, pred = shared_labels()
     expected_cm = confusion(target.flatten(), pred.flatten(), NUM_CLASSES)
-    expected_rows = torch.cat([
-        torch.arange(8, dtype=torch.float32).reshape(2, 4),
-        torch.arange(12, dtype=torch.float32).reshape(3, 4) + 100,
-    ])
+    expected_rows = torch.cat(
+        [
+            torch.arange(8, dtype=torch.float32).reshape(2, 4),
+            torch.arange(12, dtype=torch.float32).reshape(3, 4) + 100,
+        ]
+    )
     for rank in range(world):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(res["cm"], expected_cm)

@@ -7,18 +7,27 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from vss import distributed as vd
 from vss.checkpoint import load_checkpoint, save_checkpoint
 from vss.config import DataConfig, OptimConfig
 from vss.data import normalize
+from vss.engine import (
+    build_optimizer,
+    build_scheduler,
+    evaluate_model,
+    lr_milestones,
+    make_autocast,
+    NonFiniteLossError,
+    param_groups,
+    resize_short_side,
+    train_step,
+)
 from vss.io import iter_eval_videos, read_frame, read_label_png, shift_labels
-from vss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, evaluate_model,
-                        lr_milestones, make_autocast, param_groups, resize_short_side, train_step)
-from vss.metrics import VideoStats, merge, summarize
+from vss.metrics import merge, summarize, VideoStats
 from vss.synthetic import render_dataset
 
 
@@ -31,8 +40,7 @@ class LayerNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c))
 
     def forward(self, x):
-        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight,
-                                        self.bias).permute(0, 3, 1, 2)
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias).permute(0, 3, 1, 2)
 
 
 class Backbone(nn.Module):
@@ -73,12 +81,15 @@ def test_param_groups_follow_dvis_rules():
     b = model.backbone
     assert ids["backbone"] == {id(b.conv.weight), id(b.conv.bias)}
     assert ids["backbone_no_wd"] == {id(p) for p in (b.bn.weight, b.bn.bias, b.ln.weight, b.ln.bias)}
-    assert ids["head"] == {id(p) for p in (model.proj.weight, model.proj.bias, model.head.weight,
-                                          model.head.bias)}  # biases keep weight decay
-    assert ids["head_no_wd"] == {id(p) for p in (model.norm.weight, model.norm.bias, model.gn.weight,
-                                                model.gn.bias, model.query_feat.weight)}
+    assert ids["head"] == {
+        id(p) for p in (model.proj.weight, model.proj.bias, model.head.weight, model.head.bias)
+    }  # biases keep weight decay
+    assert ids["head_no_wd"] == {
+        id(p) for p in (model.norm.weight, model.norm.bias, model.gn.weight, model.gn.bias, model.query_feat.weight)
+    }
     assert sum(len(g["params"]) for g in groups.values()) == sum(
-        p.requires_grad for p in model.parameters())  # frozen left out, shared once
+        p.requires_grad for p in model.parameters()
+    )  # frozen left out, shared once
     assert groups["backbone"]["lr"] == pytest.approx(1e-5) and groups["head"]["lr"] == 1e-4
     assert groups["backbone"]["weight_decay"] == 0.05 and groups["head"]["weight_decay"] == 0.05
     assert groups["backbone_no_wd"]["weight_decay"] == 0.0 and groups["head_no_wd"]["weight_decay"] == 0.0
@@ -141,7 +152,7 @@ def test_scaler_unscales_before_clipping_and_counts_skips():
     # SGD: unlike Adam its update is not scale invariant, so clipping scaled grads would show.
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
     opt_s = torch.optim.SGD(scaled.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batch = _toy_batch()
 
     # Reference grad norm of the first step, measured by hand.
@@ -152,7 +163,7 @@ def test_scaler_unscales_before_clipping_and_counts_skips():
     out_s = train_step(scaled, [batch], _loss_fn, opt_s, scaler, None, clip=0.01)
     assert out_p["grad_norm"] == pytest.approx(manual.item(), rel=1e-5)
     assert out_s["grad_norm"] == pytest.approx(manual.item(), rel=1e-5)  # unscaled
-    assert not out_s["skipped"] and scaler.get_scale() == 2.0 ** 10
+    assert not out_s["skipped"] and scaler.get_scale() == 2.0**10
     for a, b in zip(_params(plain), _params(scaled)):
         assert torch.allclose(a, b, atol=1e-6)
     assert out_s["loss"] == pytest.approx(out_s["loss_ce"] + out_s["loss_reg"])
@@ -163,7 +174,7 @@ def test_scaler_unscales_before_clipping_and_counts_skips():
     out = train_step(scaled, [batch], _loss_fn, opt_s, scaler, None, clip=0.01)
     hook.remove()
     assert out["skipped"] and not math.isfinite(out["grad_norm"])
-    assert scaler.get_scale() == 2.0 ** 9
+    assert scaler.get_scale() == 2.0**9
     assert all(torch.equal(a, b) for a, b in zip(before, _params(scaled)))
     out = train_step(scaled, [batch], _loss_fn, opt_s, scaler, None, clip=0.01)
     assert not out["skipped"]

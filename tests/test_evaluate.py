@@ -2,9 +2,9 @@
 prediction decoding, and one clear error line + exit code 2 for each kind of bad input."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,8 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), "--no-progress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -27,8 +32,20 @@ def test_cli_reproduces_official_numbers(test_data, tmp_path, workers):
     root = test_data / "vspw_synth"
     expected = json.loads((root / "expected.json").read_text())
     out = tmp_path / "res" / "metrics.json"
-    proc = _run_cli("--gt", root / "VSPW", "--pred", root / "pred", "--split", "val", "--vc", "8,16",
-                    "--workers", workers, "--json", out)
+    proc = _run_cli(
+        "--gt",
+        root / "VSPW",
+        "--pred",
+        root / "pred",
+        "--split",
+        "val",
+        "--vc",
+        "8,16",
+        "--workers",
+        workers,
+        "--json",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     for key in ("mIoU", "fwIoU", "pixel_acc", "VC8", "VC16"):
@@ -141,8 +158,10 @@ def _break(kind: str, gt: Path, pred: Path) -> str:
         raw = cv2.imread(str(gt / "data" / "vb" / "mask" / "00006.png"), cv2.IMREAD_UNCHANGED)
         raw[1, :3] = K + 2
         cv2.imwrite(str(gt / "data" / "vb" / "mask" / "00006.png"), raw)
-        return f"{gt / 'data' / 'vb' / 'mask' / '00006.png'}: train ids [{K + 1}] (raw values [{K + 2}]) are out of " \
-               f"range for {K} classes (3 pixels)"
+        return (
+            f"{gt / 'data' / 'vb' / 'mask' / '00006.png'}: train ids [{K + 1}] (raw values [{K + 2}]) are out of "
+            f"range for {K} classes (3 pixels)"
+        )
     if kind == "empty_pred":
         (pred / "va" / "00006.png").write_bytes(b"")
         return f"prediction PNG {pred / 'va' / '00006.png'} is an empty file"
@@ -152,8 +171,20 @@ def _break(kind: str, gt: Path, pred: Path) -> str:
     raise AssertionError(kind)
 
 
-BAD = ["missing_frame", "missing_video", "wrong_size", "id_too_large", "corrupt_pred", "corrupt_gt", "empty_split",
-       "video_without_frames", "missing_video_folder", "gt_id_too_large", "empty_pred", "empty_gt"]
+BAD = [
+    "missing_frame",
+    "missing_video",
+    "wrong_size",
+    "id_too_large",
+    "corrupt_pred",
+    "corrupt_gt",
+    "empty_split",
+    "video_without_frames",
+    "missing_video_folder",
+    "gt_id_too_large",
+    "empty_pred",
+    "empty_gt",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -221,7 +252,10 @@ def test_fewer_classes_than_the_data_is_refused(tmp_path, capsys):
     """--num-classes below the data's: the GT pixels of the extra classes are not dropped (which
     inflated mIoU to 100% for a 5-class run on 11-class data) but refused."""
     gt, pred = make_set(tmp_path)
-    rc, out = ev.main(["--gt", str(gt), "--pred", str(pred), "--num-classes", str(K - 1), "--no-progress"]), capsys.readouterr()
+    rc, out = (
+        ev.main(["--gt", str(gt), "--pred", str(pred), "--num-classes", str(K - 1), "--no-progress"]),
+        capsys.readouterr(),
+    )
     assert rc == 2 and f"out of range for {K - 1} classes" in out.err and "pixels" in out.err
 
 
@@ -251,8 +285,12 @@ def _unfiltered_grey_png(label: np.ndarray) -> bytes:
 
     h, w = label.shape
     rows = np.concatenate([np.zeros((h, 1), np.uint8), label], axis=1)  # filter type 0 on each row
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(rows.tobytes())) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _png_variants(tmp_path: Path):
@@ -262,9 +300,13 @@ def _png_variants(tmp_path: Path):
     rng = np.random.default_rng(0)
     label = rng.choice(np.r_[np.arange(125), 255], (23, 37)).astype(np.uint8)
     label[5:15, 3:30] = 7  # a flat region: long deflate matches
-    files = {"palette": tmp_path / "palette.png", "grey_plain": tmp_path / "grey_plain.png",
-             "grey_pil": tmp_path / "grey_pil.png", "grey_cv2": tmp_path / "grey_cv2.png",
-             "grey16": tmp_path / "grey16.png"}
+    files = {
+        "palette": tmp_path / "palette.png",
+        "grey_plain": tmp_path / "grey_plain.png",
+        "grey_pil": tmp_path / "grey_pil.png",
+        "grey_cv2": tmp_path / "grey_cv2.png",
+        "grey16": tmp_path / "grey16.png",
+    }
     write_label_png(files["palette"], label)  # PIL's palette PNGs: every row unfiltered
     files["grey_plain"].write_bytes(_unfiltered_grey_png(label))
     Image.fromarray(label, mode="L").save(files["grey_pil"])  # filtered rows

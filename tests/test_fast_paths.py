@@ -54,8 +54,12 @@ def test_build_optimizer_foreach_equals_per_parameter_loop():
     # the multi-tensor AdamW of build_optimizer against torch's per-parameter loop on the same
     # groups (backbone LR multiplier, no decay on norms and biases): bit for bit over 5 steps
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"backbone": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
-                                 "head": torch.nn.Linear(4, 5)})
+    model = torch.nn.ModuleDict(
+        {
+            "backbone": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+            "head": torch.nn.Linear(4, 5),
+        }
+    )
     loop_model = copy.deepcopy(model)
     cfg = OptimConfig(lr=1e-3)
     fast = build_optimizer(model, cfg)

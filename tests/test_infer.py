@@ -4,19 +4,19 @@ in a fixture and a small rendered synthetic dataset. Expected labels are recompu
 predict_video (frames resized and views built by hand), so wiring mistakes in infer.py fail."""
 
 import functools
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 import os
+from pathlib import Path
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import evaluate
 import infer
@@ -52,8 +52,9 @@ def _fit_decoder(model, root: Path, cfg: Config, steps: int = 60) -> None:
     vdir = root / "data" / (root / "train.txt").read_text().split()[0]
     frames = sorted((vdir / "origin").glob("*.jpg"))[:3]
     images = np.stack([read_frame(p) for p in frames])
-    labels = torch.from_numpy(np.stack([shift_labels(read_label_png(vdir / "mask" / f"{p.stem}.png"))
-                                        for p in frames])).long()
+    labels = torch.from_numpy(
+        np.stack([shift_labels(read_label_png(vdir / "mask" / f"{p.stem}.png")) for p in frames])
+    ).long()
     x = F.pad(normalize(images, cfg.data), (0, 0, 0, 64 - H0))  # (3,3,64,64)
     with torch.no_grad():
         mask_features, multi_scale = seg.pixel_decoder(seg.backbone(x))
@@ -78,8 +79,16 @@ def _save(path: Path, model, cfg: Config) -> Path:
 def data_root(tmp_path_factory) -> Path:
     # named "synthetic" so that VSS_DATA=<parent> makes it the embedded default dataset
     root = tmp_path_factory.mktemp("vssdata") / "synthetic"
-    render_dataset(root, num_videos=3, frames=(3, 4), height=H0, width=W0, num_classes=K, seed=3,
-                   splits={"train": 1 / 3, "val": 2 / 3})
+    render_dataset(
+        root,
+        num_videos=3,
+        frames=(3, 4),
+        height=H0,
+        width=W0,
+        num_classes=K,
+        seed=3,
+        splits={"train": 1 / 3, "val": 2 / 3},
+    )
     return root
 
 
@@ -109,8 +118,22 @@ def _infer(capsys, *args) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def plain_a(ckpts, data_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pred") / "a"
-    assert infer.main(["--checkpoint", str(ckpts[0]), "--data", str(data_root), "--out", str(out),
-                       "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        infer.main(
+            [
+                "--checkpoint",
+                str(ckpts[0]),
+                "--data",
+                str(data_root),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -158,8 +181,7 @@ def _images(root: Path, video: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def test_default_run_writes_one_png_per_mask_and_evaluates(ckpts, data_root, plain_a, tmp_path, monkeypatch,
-                                                           capsys):
+def test_default_run_writes_one_png_per_mask_and_evaluates(ckpts, data_root, plain_a, tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "default"
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(ckpts[0].read_bytes())
@@ -188,8 +210,20 @@ def test_default_run_writes_one_png_per_mask_and_evaluates(ckpts, data_root, pla
 @pytest.mark.parametrize("merge", ["vote", "mean"])
 def test_tta_matches_hand_built_views(ckpts, data_root, tmp_path, capsys, merge):
     out = tmp_path / merge
-    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out, "--tta",
-                       "--tta-scales", "0.8,1.25", "--tta-merge", merge)
+    code, err = _infer(
+        capsys,
+        "--checkpoint",
+        ckpts[0],
+        "--data",
+        data_root,
+        "--out",
+        out,
+        "--tta",
+        "--tta-scales",
+        "0.8,1.25",
+        "--tta-merge",
+        merge,
+    )
     assert code == 0, err
     views = tta_views((0.8, 1.25), flip=True)
     for video in _val_videos(data_root):
@@ -212,8 +246,21 @@ def test_tta_matches_hand_built_views(ckpts, data_root, tmp_path, capsys, merge)
 @pytest.mark.parametrize("merge", ["vote", "mean"])
 def test_tta_single_view_equals_plain_inference(ckpts, data_root, plain_a, tmp_path, capsys, merge):
     out = tmp_path / "tta1"
-    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out, "--tta",
-                       "--tta-scales", "1.0", "--no-tta-flip", "--tta-merge", merge)
+    code, err = _infer(
+        capsys,
+        "--checkpoint",
+        ckpts[0],
+        "--data",
+        data_root,
+        "--out",
+        out,
+        "--tta",
+        "--tta-scales",
+        "1.0",
+        "--no-tta-flip",
+        "--tta-merge",
+        merge,
+    )
     assert code == 0, err
     for video in _val_videos(data_root):
         np.testing.assert_array_equal(_pngs(out, video), _pngs(plain_a, video))
@@ -229,8 +276,9 @@ def test_ensemble_of_one_model_twice_equals_the_model(ckpts, data_root, plain_a,
 
 def test_ensemble_save_probs_writes_labels_and_entropy_of_the_mean(ckpts, data_root, tmp_path, capsys):
     out = tmp_path / "pseudo"
-    code, err = _infer(capsys, "--checkpoint", ckpts[0], "--ensemble", ckpts[1], "--data", data_root,
-                       "--out", out, "--save-probs")
+    code, err = _infer(
+        capsys, "--checkpoint", ckpts[0], "--ensemble", ckpts[1], "--data", data_root, "--out", out, "--save-probs"
+    )
     assert code == 0, err
     for video in _val_videos(data_root):
         images = _images(data_root, video)
@@ -379,9 +427,15 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server API)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body)
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": "It is grass."}}]}
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "It is grass."}}
+            ],
+        }
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -405,14 +459,42 @@ def test_vlm_relabels_the_group_region_and_hides_the_key(ckpts, data_root, plain
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     try:
         # without --vlm nothing is sent
-        code, _ = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", tmp_path / "novlm",
-                         "--vlm-base-url", url, "--vlm-groups", groups)
+        code, _ = _infer(
+            capsys,
+            "--checkpoint",
+            ckpts[0],
+            "--data",
+            data_root,
+            "--out",
+            tmp_path / "novlm",
+            "--vlm-base-url",
+            url,
+            "--vlm-groups",
+            groups,
+        )
         assert code == 0 and server.requests == []
         out = tmp_path / "vlm"
         capsys.readouterr()
-        code = infer.main(["--checkpoint", str(ckpts[0]), "--data", str(data_root), "--out", str(out), "--vlm",
-                           "--vlm-base-url", url, "--vlm-groups", str(groups), "--vlm-model", "llava",
-                           "--no-progress", "--device", "cpu"])
+        code = infer.main(
+            [
+                "--checkpoint",
+                str(ckpts[0]),
+                "--data",
+                str(data_root),
+                "--out",
+                str(out),
+                "--vlm",
+                "--vlm-base-url",
+                url,
+                "--vlm-groups",
+                str(groups),
+                "--vlm-model",
+                "llava",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
         captured = capsys.readouterr()
     finally:
         server.shutdown()
@@ -438,8 +520,16 @@ def test_existing_output_of_other_inputs_is_refused(ckpts, data_root, tmp_path, 
     out = tmp_path / "pred"
     assert _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--out", out)[0] == 0
     twin = tmp_path / "twin" / "synthetic"  # the same video names, other frames
-    render_dataset(twin, num_videos=3, frames=(3, 4), height=H0, width=W0, num_classes=K, seed=4,
-                   splits={"train": 1 / 3, "val": 2 / 3})
+    render_dataset(
+        twin,
+        num_videos=3,
+        frames=(3, 4),
+        height=H0,
+        width=W0,
+        num_classes=K,
+        seed=4,
+        splits={"train": 1 / 3, "val": 2 / 3},
+    )
     code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", twin, "--out", out)
     assert code == 2 and "inputs" in err and "--overwrite" in err
     code, err = _infer(capsys, "--checkpoint", ckpts[0], "--data", data_root, "--split", "train", "--out", out)
@@ -471,6 +561,17 @@ def test_truncated_and_empty_frames_are_refused(ckpts, data_root, tmp_path, caps
 @pytest.mark.parametrize("scales", ["inf", "nan", "0.001", "1.0,9", ""])
 def test_tta_scales_out_of_range_are_a_usage_error(ckpts, data_root, tmp_path, capsys, scales):
     with pytest.raises(SystemExit) as e:
-        infer.main(["--checkpoint", str(ckpts[0]), "--data", str(data_root), "--out", str(tmp_path / "o"), "--tta",
-                    "--tta-scales", scales])
+        infer.main(
+            [
+                "--checkpoint",
+                str(ckpts[0]),
+                "--data",
+                str(data_root),
+                "--out",
+                str(tmp_path / "o"),
+                "--tta",
+                "--tta-scales",
+                scales,
+            ]
+        )
     assert e.value.code == 2 and "scales must be in 0.25..4.0" in capsys.readouterr().err

@@ -17,10 +17,10 @@ import torch
 from vss.config import tiny
 from vss.criterion import SetCriterion
 from vss.data import clip_targets, normalize
-from vss.io import shift_labels
 from vss.engine import build_optimizer, train_step
+from vss.io import shift_labels
 from vss.matcher import HungarianMatcher
-from vss.metrics import VideoStats, merge, summarize
+from vss.metrics import merge, summarize, VideoStats
 from vss.synthetic import render_video
 from vss.video_model import build_video_model, load_previous_stage, predict_video, video_loss
 
@@ -54,8 +54,15 @@ def train(model, criterion, cfg, steps: int, next_batch, guided_steps: int = 0, 
     for step in range(1, steps + 1):
         model.train()
         guided = step <= guided_steps
-        train_step(model, [next_batch()], lambda m, b: video_loss(m, b, criterion, guided=guided),
-                   optimizer, None, None, cfg.optim.clip_grad)
+        train_step(
+            model,
+            [next_batch()],
+            lambda m, b: video_loss(m, b, criterion, guided=guided),
+            optimizer,
+            None,
+            None,
+            cfg.optim.clip_grad,
+        )
         if callback is not None and callback(step):
             return step
     return steps
@@ -105,7 +112,8 @@ def test_tiny_preset_overfits_one_clip():
     assert miou_before < 0.5, f"the untrained model already scores mIoU {miou_before:.3f}: the test proves nothing"
     assert history and history[-1][1] > 0.9, (
         f"train mIoU did not exceed 0.9 within {OVERFIT_MAX_STEPS} steps ({seconds:.0f} s): "
-        f"(step, mIoU) = {[(s, round(m, 3)) for s, m in history]}")
+        f"(step, mIoU) = {[(s, round(m, 3)) for s, m in history]}"
+    )
     print(f"overfit: mIoU {miou_before:.3f} -> {history[-1][1]:.3f} in {steps} steps, {seconds:.1f} s")
 
 
@@ -144,8 +152,7 @@ def render_noisy_cue(seed, frames: int, data_cfg) -> tuple[torch.Tensor, torch.T
     is often misleading (the shifts are one noise s.d. from the midpoint: ~16 % of frames look
     like the other class, more with the per-video colour variation); the mean over a video is
     not. Returns normalised frames (T,3,H,W) and train-id labels (T,H,W) int64."""
-    images, raw = render_video(seed, frames=frames, height=FRAME_SIZE[0], width=FRAME_SIZE[1],
-                               num_classes=NUM_CLASSES)
+    images, raw = render_video(seed, frames=frames, height=FRAME_SIZE[0], width=FRAME_SIZE[1], num_classes=NUM_CLASSES)
     labels = shift_labels(np.stack(raw))  # (T,H,W) uint8
     meadow = seed[1] % 2 == 1
     rng = np.random.default_rng([555, *seed])
@@ -173,10 +180,12 @@ def object_travel(labels: torch.Tensor) -> float:
 
 def clip_sampler(videos: list, num_frames: int, rng: np.random.Generator):
     """A function returning a random clip of ``num_frames`` consecutive frames as a batch of 1."""
+
     def next_batch():
         frames, labels = videos[int(rng.integers(len(videos)))]
         s = int(rng.integers(0, frames.shape[0] - num_frames + 1))
         return {"frames": frames[s : s + num_frames][None], "targets": [clip_targets(labels[s : s + num_frames])]}
+
     return next_batch
 
 
@@ -201,8 +210,7 @@ def train_three_stages(seed: int):
     cfg.optim.lr = 5e-4
     stage2 = build_video_model(cfg, "tracker")
     load_previous_stage(stage2, stage1.state_dict())
-    train(stage2, criterion, cfg, 200, clip_sampler(train_set, 10, np.random.default_rng([seed, 2])),
-          guided_steps=100)
+    train(stage2, criterion, cfg, 200, clip_sampler(train_set, 10, np.random.default_rng([seed, 2])), guided_steps=100)
 
     # The refiner sees whole training videos (DVIS++ uses 21-frame clips) and guided matching
     # for the whole (short) stage: left free in the second half, it may move an object to
@@ -211,8 +219,14 @@ def train_three_stages(seed: int):
     torch.manual_seed(seed + 2)
     stage3 = build_video_model(cfg, "refiner")
     load_previous_stage(stage3, stage2.state_dict())
-    train(stage3, criterion, cfg, 600, clip_sampler(train_set, TRAIN_FRAMES, np.random.default_rng([seed, 3])),
-          guided_steps=600)
+    train(
+        stage3,
+        criterion,
+        cfg,
+        600,
+        clip_sampler(train_set, TRAIN_FRAMES, np.random.default_rng([seed, 3])),
+        guided_steps=600,
+    )
     return stage1, stage2, stage3, held_out, time.perf_counter() - start
 
 
@@ -275,8 +289,10 @@ def test_stage3_flickers_less_than_stage1():
     miou1, vc1 = video_figures(stage1, held_out, CUE_CLASSES)
     miou2, vc2 = video_figures(stage2, held_out, CUE_CLASSES)
     miou3, vc3 = video_figures(stage3, held_out, CUE_CLASSES)
-    summary = (f"stage 1 mIoU {miou1:.3f} VC8 {vc1:.3f}; stage 2 mIoU {miou2:.3f} VC8 {vc2:.3f}; "
-               f"stage 3 mIoU {miou3:.3f} VC8 {vc3:.3f} (training {seconds:.0f} s)")
+    summary = (
+        f"stage 1 mIoU {miou1:.3f} VC8 {vc1:.3f}; stage 2 mIoU {miou2:.3f} VC8 {vc2:.3f}; "
+        f"stage 3 mIoU {miou3:.3f} VC8 {vc3:.3f} (training {seconds:.0f} s)"
+    )
     print(summary)
     assert miou1 > 0.4, f"the segmenter is too weak for the comparison to mean anything: {summary}"
     assert vc3 > vc1, f"stage 3 flickers as much as stage 1 or more: {summary}"

@@ -12,9 +12,7 @@ from vss import data as vd
 from vss import io as vio
 from vss.label_remap import ImageFolderDataset, load_label_map, remap
 
-EXAMPLE = (
-    Path(__file__).resolve().parents[1] / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
-)
+EXAMPLE = Path(__file__).resolve().parents[1] / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
 
 
 def write_map(tmp_path: Path, spec, name: str = "map.json") -> Path:
@@ -60,9 +58,7 @@ def test_remap_unmapped_to_ignore(tmp_path):
 
 
 def test_out_of_range_target_rejected_naming_file_and_entry(tmp_path):
-    path = write_map(
-        tmp_path, {"num_target_classes": 11, "map": {"3": 0, "21": 11}}, "bad_map.json"
-    )
+    path = write_map(tmp_path, {"num_target_classes": 11, "map": {"3": 0, "21": 11}}, "bad_map.json")
     with pytest.raises(ValueError) as e:
         load_label_map(path, 11)
     assert "bad_map.json" in str(e.value) and "'21'" in str(e.value) and "11" in str(e.value)
@@ -126,9 +122,7 @@ def test_image_folder_dataset_items(tmp_path):
     lut = load_label_map(EXAMPLE, 11)
     items = [ds.load_item(i, np.random.default_rng(i)) for i in range(2)]
     for i, item in enumerate(items):
-        assert (
-            item["frames"].shape == (1, 3, *raws[i].shape) and item["frames"].dtype == torch.float32
-        )
+        assert item["frames"].shape == (1, 3, *raws[i].shape) and item["frames"].dtype == torch.float32
         np.testing.assert_array_equal(item["labels"][0].numpy(), lut[raws[i]].astype(np.int64))
         assert set(np.unique(item["labels"]).tolist()) <= {0, 3, 8, 255}  # sky, road, car, ignore
         img = vio.read_frame(tmp_path / "ade" / "images" / f"img{i}.jpg")
@@ -137,9 +131,7 @@ def test_image_folder_dataset_items(tmp_path):
     batch = vd.collate_clips(items)
     assert batch["frames"].shape == (2, 1, 3, 32, 32)
     assert all(set(tg["labels"].tolist()) <= {0, 3, 8} for tg in batch["targets"])
-    augmented = ImageFolderDataset(
-        tmp_path / "ade", EXAMPLE, cfg=vd.DataConfig(base_size=16, crop_size=(12, 12))
-    )
+    augmented = ImageFolderDataset(tmp_path / "ade", EXAMPLE, cfg=vd.DataConfig(base_size=16, crop_size=(12, 12)))
     assert augmented[0]["labels"].shape == (1, 12, 12)
 
 

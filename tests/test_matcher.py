@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from vss.matcher import (
     BLOCKED_COST,
-    HungarianMatcher,
     flatten_clip_masks,
+    HungarianMatcher,
     pairwise_dice,
     pairwise_sigmoid_ce,
     point_sample,
@@ -37,8 +37,7 @@ def _reference_cost(matcher, logits, masks, labels, tgt, coords):
             bce = F.binary_cross_entropy_with_logits(x, t)
             p = x.sigmoid()
             dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
-            cost[q, m] = (-matcher.cost_class * probs[q, labels[m]] + matcher.cost_mask * bce
-                          + matcher.cost_dice * dice)
+            cost[q, m] = -matcher.cost_class * probs[q, labels[m]] + matcher.cost_mask * bce + matcher.cost_dice * dice
     return cost
 
 
@@ -232,10 +231,15 @@ def test_consistent_match_first_appearance_and_blocking():
     labels = torch.tensor([0, 1])
     appear = torch.tensor([[True, True, True], [False, False, True]])
     tgt_masks = torch.zeros(2, num_frames, 8, 8, dtype=torch.bool)
-    logits, masks = _class_only_clip(num_frames, num_queries, num_classes, {
-        0: {0: (1, 6.0), 1: (3, 6.0)},  # frame 0: query 3 likes class 1 (must be ignored)
-        2: {0: (0, 1.0)},
-    })
+    logits, masks = _class_only_clip(
+        num_frames,
+        num_queries,
+        num_classes,
+        {
+            0: {0: (1, 6.0), 1: (3, 6.0)},  # frame 0: query 3 likes class 1 (must be ignored)
+            2: {0: (0, 1.0)},
+        },
+    )
     # Frame 2: query 1 (already taken by target 0) likes class 1 the most, query 2 second.
     logits[2, 1, 1] = 8.0
     logits[2, 2, 1] = 5.0
@@ -251,10 +255,15 @@ def test_consistent_match_defaults_to_frame_zero_and_skips_absent():
     matcher = HungarianMatcher(num_points=16)
     labels = torch.tensor([0, 1, 2])
     tgt_masks = torch.zeros(3, 2, 8, 8, dtype=torch.bool)
-    logits, masks = _class_only_clip(2, 5, 3, {
-        0: {0: (4, 6.0), 1: (0, 6.0), 2: (2, 6.0)},
-        1: {0: (1, 9.0), 1: (3, 9.0), 2: (4, 9.0)},  # frame 1 disagrees; must not be used
-    })
+    logits, masks = _class_only_clip(
+        2,
+        5,
+        3,
+        {
+            0: {0: (4, 6.0), 1: (0, 6.0), 2: (2, 6.0)},
+            1: {0: (1, 9.0), 1: (3, 9.0), 2: (4, 9.0)},  # frame 1 disagrees; must not be used
+        },
+    )
     q_idx, t_idx = matcher.consistent_match(logits, masks, labels, tgt_masks)
     assert list(zip(q_idx.tolist(), t_idx.tolist())) == [(0, 1), (2, 2), (4, 0)]
 

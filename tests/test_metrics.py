@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from vss.io import list_frames, read_label_png, read_split, shift_labels
-from vss.metrics import (DatasetStats, VideoStats, _confusion_bincount, _confusion_pixels, _confusion_runs,
-                         confusion_matrix, iou_from_confusion, merge, summarize)
+from vss.metrics import (
+    _confusion_bincount,
+    _confusion_pixels,
+    _confusion_runs,
+    confusion_matrix,
+    DatasetStats,
+    iou_from_confusion,
+    merge,
+    summarize,
+    VideoStats,
+)
 
 K_SYNTH = 124
 
@@ -38,8 +47,12 @@ def slow_scores(cm):
         freq = rows / cm.sum()
         acc_class = np.nanmean(diag / rows)
     isval = rows > 0
-    return {"mIoU": np.nansum(iou * isval) / isval.sum(), "fwIoU": (freq[freq > 0] * iou[freq > 0]).sum(),
-            "pixel_acc": diag.sum() / cm.sum(), "class_acc": acc_class}
+    return {
+        "mIoU": np.nansum(iou * isval) / isval.sum(),
+        "fwIoU": (freq[freq > 0] * iou[freq > 0]).sum(),
+        "pixel_acc": diag.sum() / cm.sum(),
+        "class_acc": acc_class,
+    }
 
 
 def same(a, b) -> bool:

@@ -69,10 +69,11 @@ def test_mvc_loss_is_clean_plus_weighted_masked():
     def loss_fn(x, y, masked):
         calls.append((x.detach().clone(), y, masked))
         per_channel = x.mean(dim=(0, 1, 3, 4))  # (3,)
-        return {"loss_a": (weights * per_channel).sum(), "loss_b": (weights ** 2).sum() * x.abs().mean()}
+        return {"loss_a": (weights * per_channel).sum(), "loss_b": (weights**2).sum() * x.abs().mean()}
 
-    out = mvc_loss(loss_fn, frames, targets, patch_size=2, ratio=0.7, weight=0.5,
-                   generator=torch.Generator().manual_seed(3))
+    out = mvc_loss(
+        loss_fn, frames, targets, patch_size=2, ratio=0.7, weight=0.5, generator=torch.Generator().manual_seed(3)
+    )
     assert sorted(out) == ["loss_a", "loss_b", "mvc_loss_a", "mvc_loss_b"]
     assert len(calls) == 2 and calls[0][1] is targets and calls[1][1] is targets
     assert [c[2] for c in calls] == [False, True]

@@ -23,15 +23,32 @@ def test_r50_data_and_solver_are_dvis_plus():
     # SOLVER: AdamW 1e-4, 20000 iterations, weight decay 0.05, backbone x0.1, full-model clip 0.01,
     # one clip per GPU (IMS_PER_BATCH = #GPUs in GETTING_STARTED.md)
     assert (o.lr, o.iters, o.weight_decay, o.backbone_lr_mult, o.clip_grad, o.batch) == (
-        1e-4, 20000, 0.05, 0.1, 0.01, 1)
+        1e-4,
+        20000,
+        0.05,
+        0.1,
+        0.01,
+        1,
+    )
     # MODEL: FrozenBN ResNet-50, 100 queries, 6 pixel-decoder layers, 9 decoder layers (+ the first
     # prediction: 10 supervised outputs), hidden 256, 124 classes, 12544 points
     assert (m.backbone, m.frozen_bn, m.num_queries, m.enc_layers, m.dec_layers, m.hidden_dim, m.num_classes) == (
-        "resnet50", True, 100, 6, 9, 256, 124)
+        "resnet50",
+        True,
+        100,
+        6,
+        9,
+        256,
+        124,
+    )
     # the reid MLP of the DVIS++ decoder (REID_HIDDEN_DIM 256), torchvision-width ResNet stem/res2
     assert (m.reid_hidden_dim, m.resnet_width, m.resnet_stem_channels, m.resnet_res2_channels) == (256, 64, 0, 0)
     assert (cfg.loss.num_points, cfg.loss.class_weight, cfg.loss.mask_weight, cfg.loss.dice_weight) == (
-        12544, 2.0, 5.0, 5.0)
+        12544,
+        2.0,
+        5.0,
+        5.0,
+    )
     assert cfg.loss.ctvis and (cfg.loss.ctvis_weight, cfg.loss.ctvis_aux_weight) == (2.0, 3.0)
 
 
@@ -42,8 +59,7 @@ def test_r50_stages_are_dvis_plus():
     # DVIS_Plus_Online_R50: 5 consecutive frames, no crop, one drop at 14k
     assert s.tracker == StageConfig(frames=5, crop="none", lr_steps=(0.7,))
     # DVIS_Plus_Offline_R50: 21 consecutive frames reversed with p 0.5, absolute_range crop (600, 720)
-    assert s.refiner == StageConfig(frames=21, reverse_prob=0.5, crop="range", crop_range=(600, 720),
-                                    lr_steps=(0.7,))
+    assert s.refiner == StageConfig(frames=21, reverse_prob=0.5, crop="range", crop_range=(600, 720), lr_steps=(0.7,))
     o = get_preset("r50").optim
     assert lr_milestones(o, s.segmenter.lr_steps) == [14000, 18000]
     assert lr_milestones(o, s.tracker.lr_steps) == lr_milestones(o, s.refiner.lr_steps) == [14000]
@@ -57,11 +73,18 @@ def test_vitl_is_r50_with_the_vit_and_200_queries():
     r50, vitl = get_preset("r50"), get_preset("vitl")
     m = vitl.model
     assert (m.backbone, m.vit_patch_size, m.vit_num_registers, m.freeze_vit, m.vit_neck, m.num_queries) == (
-        "vit_large", 16, 0, True, "adapter", 200)
+        "vit_large",
+        16,
+        0,
+        True,
+        "adapter",
+        200,
+    )
     assert m.reid_hidden_dim == 256 and m.hidden_dim == 256
     changed = {"backbone", "vit_patch_size", "vit_neck", "num_queries"}
     assert {k: v for k, v in vars(m).items() if k not in changed} == {
-        k: v for k, v in vars(r50.model).items() if k not in changed}
+        k: v for k, v in vars(r50.model).items() if k not in changed
+    }
     assert vitl.data == r50.data and vitl.stages == r50.stages and vitl.optim == r50.optim and vitl.loss == r50.loss
 
 
@@ -70,9 +93,14 @@ def test_tiny_keeps_the_cpu_recipe():
     test 240, 2-frame stage-1 clips, 9-frame stage-3 clips."""
     cfg = get_preset("tiny")
     assert (cfg.data.base_size, cfg.data.crop_size, cfg.data.test_size, cfg.data.short_sides) == (
-        240, (240, 320), 240, ())
-    assert cfg.stages.segmenter == StageConfig(frames=2) and cfg.stages.refiner == StageConfig(frames=9,
-                                                                                            reverse_prob=0.5)
+        240,
+        (240, 320),
+        240,
+        (),
+    )
+    assert cfg.stages.segmenter == StageConfig(frames=2) and cfg.stages.refiner == StageConfig(
+        frames=9, reverse_prob=0.5
+    )
     assert lr_milestones(cfg.optim, cfg.stage.lr_steps) == [420, 540]
 
 

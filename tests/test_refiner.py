@@ -12,14 +12,18 @@ C, HEADS, Q, K_CLASSES, MASK_DIM = 16, 2, 4, 3, 8
 
 def make_refiner(layers=2, seed=0):
     torch.manual_seed(seed)
-    return TemporalRefiner(hidden_dim=C, nheads=HEADS, dim_feedforward=32, num_layers=layers,
-                           mask_dim=MASK_DIM, num_classes=K_CLASSES)
+    return TemporalRefiner(
+        hidden_dim=C, nheads=HEADS, dim_feedforward=32, num_layers=layers, mask_dim=MASK_DIM, num_classes=K_CLASSES
+    )
 
 
 def make_inputs(b=2, t=6, h=4, w=5, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, t, Q, C, generator=g), torch.randn(b, t, Q, C, generator=g),
-            torch.randn(b, t, MASK_DIM, h, w, generator=g))
+    return (
+        torch.randn(b, t, Q, C, generator=g),
+        torch.randn(b, t, Q, C, generator=g),
+        torch.randn(b, t, MASK_DIM, h, w, generator=g),
+    )
 
 
 def conv_replicate_reference(seq, conv):
@@ -75,8 +79,9 @@ def test_temporal_conv_uses_replicate_padding():
     assert (conv[0].kernel_size, conv[2].kernel_size) == ((5,), (3,))
     seq = torch.randn(3, C, 7)
     torch.testing.assert_close(conv(seq), conv_replicate_reference(seq, conv), atol=1e-5, rtol=1e-5)
-    zero_padded = F.conv1d(F.relu(F.conv1d(seq, conv[0].weight, conv[0].bias, padding=2)),
-                           conv[2].weight, conv[2].bias, padding=1)
+    zero_padded = F.conv1d(
+        F.relu(F.conv1d(seq, conv[0].weight, conv[0].bias, padding=2)), conv[2].weight, conv[2].bias, padding=1
+    )
     assert (conv(seq) - zero_padded).abs().max() > 1e-3
 
 

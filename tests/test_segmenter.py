@@ -6,17 +6,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from vss.config import tiny
 from vss.layers import CrossAttentionLayer, sine_position_embedding
 from vss.pixel_decoder import MSDeformAttnPixelDecoder
 from vss.segmenter import (
-    MultiScaleMaskedTransformerDecoder,
-    Segmenter,
     attention_mask_from_masks,
     build_segmenter,
+    MultiScaleMaskedTransformerDecoder,
+    Segmenter,
     semantic_inference,
 )
 
@@ -104,9 +104,7 @@ def test_fully_blocked_query_attends_everywhere():
     blocked = attention_mask_from_masks(mask_logits, (h, w))
     assert blocked.shape == (n, lq, h * w)
     assert not blocked[0, 1].any()  # un-blocked, not all blocked
-    resized = F.interpolate(mask_logits, size=(h, w), mode="bilinear", align_corners=False).flatten(
-        2
-    )
+    resized = F.interpolate(mask_logits, size=(h, w), mode="bilinear", align_corners=False).flatten(2)
     expected = resized.sigmoid() < 0.5
     expected[0, 1] = False
     assert torch.equal(blocked, expected) and expected.any()
@@ -131,8 +129,7 @@ def test_attention_masks_come_from_previous_prediction_at_next_level(segmenter):
         captured.append((args[1].shape[1], kwargs["blocked"]))
 
     handles = [
-        layer.register_forward_pre_hook(hook, with_kwargs=True)
-        for layer in decoder.transformer_cross_attention_layers
+        layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder.transformer_cross_attention_layers
     ]
     try:
         with torch.no_grad():
@@ -260,9 +257,7 @@ def test_input_proj_identity_only_when_widths_match():
 def test_pixel_decoder_runs_in_fp32_under_bf16_autocast(segmenter):
     encoder_dtypes = []
     layer = segmenter.pixel_decoder.transformer.layers[0]
-    handle = layer.self_attn.value_proj.register_forward_hook(
-        lambda m, i, o: encoder_dtypes.append(o.dtype)
-    )
+    handle = layer.self_attn.value_proj.register_forward_hook(lambda m, i, o: encoder_dtypes.append(o.dtype))
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = segmenter(torch.randn(1, 3, 64, 96))

@@ -102,17 +102,13 @@ def test_unsup_loss_matches_official(vec, j):
     predict = t(vec, "unsup_predict").clone().requires_grad_(True)
     target = t(vec, "unsup_target")
     target_in = target.clone()
-    loss, thresh, target_after = semi.compute_unsupervised_loss(
-        predict, target, percent, t(vec, "unsup_pred_teacher")
-    )
+    loss, thresh, target_after = semi.compute_unsupervised_loss(predict, target, percent, t(vec, "unsup_pred_teacher"))
     loss.backward()
     assert torch.equal(target, target_in), "the caller's target must not be modified"
     np.testing.assert_allclose(loss.item(), vec["unsup_loss"][j], rtol=1e-6)
     np.testing.assert_allclose(thresh, vec["unsup_thresh"][j], rtol=1e-6)  # float32 tolerance
     np.testing.assert_array_equal(target_after.numpy(), vec["unsup_target_after"][j])
-    np.testing.assert_allclose(
-        predict.grad.numpy(), vec["unsup_grad_predict"][j], rtol=1e-5, atol=1e-8
-    )
+    np.testing.assert_allclose(predict.grad.numpy(), vec["unsup_grad_predict"][j], rtol=1e-5, atol=1e-8)
 
 
 def _ce_per_pixel(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -123,9 +119,7 @@ def _ce_per_pixel(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         for y in range(h):
             for x in range(w):
                 z = logits[b, :, y, x].double()
-                out[b, y, x] = (
-                    torch.logsumexp(z, 0) - z[target[b, y, x]] if target[b, y, x] != 255 else 0.0
-                )
+                out[b, y, x] = torch.logsumexp(z, 0) - z[target[b, y, x]] if target[b, y, x] != 255 else 0.0
     return out
 
 
@@ -137,9 +131,7 @@ def test_unsup_normalisations_against_reference(vec):
     )
     n, _, h, w = predict.shape
     official, _, kept = semi.compute_unsupervised_loss(predict, target, 80.0, teacher)
-    paper, _, kept_p = semi.compute_unsupervised_loss(
-        predict, target, 80.0, teacher, paper_normalisation=True
-    )
+    paper, _, kept_p = semi.compute_unsupervised_loss(predict, target, 80.0, teacher, paper_normalisation=True)
     assert torch.equal(kept, kept_p)
     ce_sum = _ce_per_pixel(predict, kept).sum().item()
     n_kept = int((kept != 255).sum())
@@ -237,18 +229,12 @@ def test_entropy_thresholds_and_contrastive_inputs(vec):
         p = f"contra_it{it}_"
         entropy, label_u = t(vec, p + "entropy_u"), t(vec, p + "label_u")
         valid = label_u != 255
-        assert semi.entropy_percentile(entropy, valid, alpha) == pytest.approx(
-            vec[p + "low_thresh"], rel=1e-6
-        )
-        assert semi.entropy_percentile(entropy, valid, 100 - alpha) == pytest.approx(
-            vec[p + "high_thresh"], rel=1e-6
-        )
+        assert semi.entropy_percentile(entropy, valid, alpha) == pytest.approx(vec[p + "low_thresh"], rel=1e-6)
+        assert semi.entropy_percentile(entropy, valid, 100 - alpha) == pytest.approx(vec[p + "high_thresh"], rel=1e-6)
         low, high = semi.entropy_masks(entropy, valid, alpha)
         np.testing.assert_array_equal(low.float().numpy(), vec[p + "low_mask"][2:, 0])
         np.testing.assert_array_equal(high.float().numpy(), vec[p + "high_mask"][2:, 0])
-        out = semi.contrastive_inputs(
-            t(vec, p + "label_l"), label_u, entropy, alpha, (8, 8), K, official_onehot=it < 3
-        )
+        out = semi.contrastive_inputs(t(vec, p + "label_l"), label_u, entropy, alpha, (8, 8), K, official_onehot=it < 3)
         for key, ref in (
             ("low_mask", "low_mask"),
             ("high_mask", "high_mask"),
@@ -265,9 +251,7 @@ def test_contrastive_inputs_downsample_nearest():
     g = torch.Generator().manual_seed(2)
     label_l = torch.randint(0, 3, (1, 8, 8), generator=g)
     label_u = torch.randint(0, 3, (1, 8, 8), generator=g)
-    out = semi.contrastive_inputs(
-        label_l, label_u, torch.rand(1, 8, 8, generator=g), 20.0, (4, 4), 3
-    )
+    out = semi.contrastive_inputs(label_l, label_u, torch.rand(1, 8, 8, generator=g), 20.0, (4, 4), 3)
     assert out["low_mask"].shape == (2, 1, 4, 4) and out["label_l"].shape == (1, 3, 4, 4)
     np.testing.assert_array_equal(out["label_l"][0].argmax(0).numpy(), label_l[0, ::2, ::2].numpy())
 
@@ -290,9 +274,7 @@ def test_contra_four_calls_match_official(vec):
         np.testing.assert_array_equal(torch.cat(bank.queues).numpy(), vec[p + "bank_before"])
         randint = replay(vec, it)
         loss, grad, new_keys = contra_call(vec, it, bank, randint)
-        assert randint.calls() == len(
-            vec[p + "randint_high"]
-        ), f"it{it}: fewer random draws than official"
+        assert randint.calls() == len(vec[p + "randint_high"]), f"it{it}: fewer random draws than official"
         np.testing.assert_allclose(loss.item(), vec[p + "loss"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(grad.numpy(), vec[p + "grad_rep"], rtol=1e-5, atol=1e-7)
         assert new_keys == vec[p + "new_keys"].tolist()
@@ -306,9 +288,7 @@ def test_contra_four_calls_match_official(vec):
 def test_pairing_flag_identical_when_no_class_is_missing(vec, it):
     # all_classes scenarios: valid classes are 0..K-1, so both pairings draw the same indices.
     loss_o, grad_o, keys_o = contra_call(vec, it, bank_from(vec, it, "before"), replay(vec, it))
-    loss_p, grad_p, keys_p = contra_call(
-        vec, it, bank_from(vec, it, "before"), replay(vec, it), official_pairing=False
-    )
+    loss_p, grad_p, keys_p = contra_call(vec, it, bank_from(vec, it, "before"), replay(vec, it), official_pairing=False)
     assert keys_o == keys_p
     assert loss_o.item() == loss_p.item()
     assert torch.equal(grad_o, grad_p)
@@ -350,11 +330,7 @@ def _negatives_reference(vec, it, paper: bool) -> list[torch.Tensor]:
                         ok = (not is_c) and in_rank
                     else:  # official: high_valid needs is_c, the labelled rule needs not is_c
                         ok = is_c and in_rank and not (labelled and is_c)
-                    if (
-                        ok
-                        and high[b, 0, y, x] > 0
-                        and prob[b, c, y, x] < cfg.current_class_negative_threshold
-                    ):
+                    if ok and high[b, 0, y, x] > 0 and prob[b, c, y, x] < cfg.current_class_negative_threshold:
                         keys[c].append(rep_t[b, :, y, x])
     return [torch.stack(k) if k else torch.zeros(0, 16) for k in keys]
 
@@ -376,7 +352,10 @@ def test_negative_rule_against_reference(vec, paper):
 
 def test_memory_bank_fifo_and_state():
     bank = semi.MemoryBank(3, 2, queue_size=3, class0_queue_size=4)
-    rows = lambda a, n: torch.arange(a, a + n, dtype=torch.float32).repeat_interleave(2).view(n, 2)
+
+    def rows(a, n):
+        return torch.arange(a, a + n, dtype=torch.float32).repeat_interleave(2).view(n, 2)
+
     assert bank.enqueue([rows(0, 2), rows(10, 1), torch.zeros(0, 2)]) == [2, 1, 0]
     assert bank.enqueue([rows(2, 3), rows(11, 5), rows(20, 2)]) == [3, 5, 2]
     np.testing.assert_array_equal(bank.queues[0][:, 0].numpy(), [1, 2, 3, 4])  # newest 4 rows
@@ -385,14 +364,9 @@ def test_memory_bank_fifo_and_state():
     assert bank.ptrs == [4, 3, 2]
     other = semi.MemoryBank(3, 2, queue_size=3, class0_queue_size=4)
     other.load_state_dict(bank.state_dict())
-    assert (
-        all(torch.equal(a, b) for a, b in zip(other.queues, bank.queues))
-        and other.ptrs == bank.ptrs
-    )
+    assert all(torch.equal(a, b) for a, b in zip(other.queues, bank.queues)) and other.ptrs == bank.ptrs
     with pytest.raises(ValueError, match="expected 3 key tensors"):
         bank.enqueue([rows(0, 1)])
-
-
 
 
 def _gather_worker(rank: int, world: int, store: str, out_dir: str) -> None:
@@ -404,10 +378,7 @@ def _gather_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     vd.init_distributed("cpu")
     try:
         counts = [[2, 0, 1], [0, 3, 1]][rank]  # class 1 only on rank 1, class 0 only on rank 0
-        keys = [
-            torch.full((n, 4), 100.0 * rank + 10 * c) + torch.arange(n).view(-1, 1)
-            for c, n in enumerate(counts)
-        ]
+        keys = [torch.full((n, 4), 100.0 * rank + 10 * c) + torch.arange(n).view(-1, 1) for c, n in enumerate(counts)]
         bank = semi.MemoryBank(3, 4, queue_size=10, class0_queue_size=None)
         nothing = bank.enqueue([torch.zeros(0, 4)] * 3)  # no key on any rank
         added = bank.enqueue(keys)
@@ -449,8 +420,7 @@ def test_schedules_match_official(vec):
 def test_poly_lr_matches_official(vec):
     max_iter = int(vec["lr_data_size"]) * int(vec["lr_epochs"])
     got = [
-        [semi.poly_lr(float(b), i, max_iter, float(vec["lr_power"])) for b in vec["lr_base"]]
-        for i in range(max_iter)
+        [semi.poly_lr(float(b), i, max_iter, float(vec["lr_power"])) for b in vec["lr_base"]] for i in range(max_iter)
     ]
     np.testing.assert_allclose(got, vec["lr_used"], rtol=1e-12, atol=0)
 
@@ -484,11 +454,7 @@ def test_representation_head():
         F.relu(
             head.layers[5](
                 F.conv2d(
-                    F.relu(
-                        head.layers[1](
-                            F.conv2d(x, head.layers[0].weight, head.layers[0].bias, padding=1)
-                        )
-                    ),
+                    F.relu(head.layers[1](F.conv2d(x, head.layers[0].weight, head.layers[0].bias, padding=1))),
                     head.layers[4].weight,
                     head.layers[4].bias,
                     padding=1,
@@ -503,9 +469,7 @@ def test_representation_head():
 
 def test_cutmix_matches_official(vec):
     np.random.seed(int(vec["cutmix_np_seed"]))
-    images, labels, conf = semi.generate_cutmix(
-        t(vec, "cutmix_image"), t(vec, "cutmix_label"), t(vec, "cutmix_conf")
-    )
+    images, labels, conf = semi.generate_cutmix(t(vec, "cutmix_image"), t(vec, "cutmix_label"), t(vec, "cutmix_conf"))
     np.testing.assert_array_equal(images.numpy(), vec["cutmix_image_out"])
     np.testing.assert_array_equal(labels.numpy(), vec["cutmix_label_out"])
     np.testing.assert_array_equal(conf.numpy(), vec["cutmix_conf_out"])

@@ -6,9 +6,9 @@ its stage, and a 2-rank torchrun run whose ranks hold identical memory banks."""
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +18,25 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and infer.py are scripts at the repository root
 
+from helpers import script_main, write_ddp_train_wrapper  # noqa: E402
+
 import evaluate  # noqa: E402
 import infer  # noqa: E402
-import vss.semi_stage as semi_stage  # noqa: E402
 from vss.checkpoint import load_checkpoint  # noqa: E402
 from vss.config import Config, DataConfig, tiny  # noqa: E402
 from vss.data import apply_clip_transform, collate_clips, sample_clip_transform  # noqa: E402
 from vss.io import read_label_png  # noqa: E402
-from vss.semi_stage import (PseudoLabelClips, SemiLoss, SemiStudent, collate_pseudo,  # noqa: E402
-                            transform_map)
+import vss.semi_stage as semi_stage  # noqa: E402
+from vss.semi_stage import (  # noqa: E402
+    collate_pseudo,
+    PseudoLabelClips,
+    SemiLoss,
+    SemiStudent,
+    transform_map,
+)
+from vss.stages import set_criterion  # noqa: E402
 from vss.synthetic import render_dataset  # noqa: E402
 from vss.video_model import build_video_model  # noqa: E402
-from helpers import script_main, write_ddp_train_wrapper  # noqa: E402
-from vss.stages import set_criterion  # noqa: E402
 
 train_main = script_main("train.py")
 
@@ -55,13 +61,37 @@ def micro_config() -> Config:
 
 
 def base_args(setup, out, *extra) -> list[str]:
-    return ["--config", str(setup["config"]), "--data", str(setup["data"]), "--out", str(out),
-            "--workers", "0", "--log-every", "1", "--eval-every", "0", *map(str, extra)]
+    return [
+        "--config",
+        str(setup["config"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def semi_args(setup, out, init, *extra) -> list[str]:
-    return base_args(setup, out, "--stage", "semi", "--init", init, "--pseudo", setup["pseudo"],
-                     "--unlabeled-split", "unlabeled", *extra)
+    return base_args(
+        setup,
+        out,
+        "--stage",
+        "semi",
+        "--init",
+        init,
+        "--pseudo",
+        setup["pseudo"],
+        "--unlabeled-split",
+        "unlabeled",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +99,55 @@ def setup(tmp_path_factory):
     """Micro dataset (train / val / unlabeled), two segmenters A and B, a tracker on A, and the
     pseudo labels of the unlabelled split by `infer.py --ensemble A B --tta --save-probs`."""
     base = tmp_path_factory.mktemp("semi")
-    data = render_dataset(base / "data", num_videos=6, frames=(5, 6), height=32, width=32, num_classes=K,
-                          seed=5, splits={"train": 2, "val": 1, "unlabeled": 3})
+    data = render_dataset(
+        base / "data",
+        num_videos=6,
+        frames=(5, 6),
+        height=32,
+        width=32,
+        num_classes=K,
+        seed=5,
+        splits={"train": 2, "val": 1, "unlabeled": 3},
+    )
     (base / "micro.json").write_text(micro_config().to_json())
     setup = {"base": base, "data": data, "config": base / "micro.json", "pseudo": base / "pseudo"}
     for name, seed in (("a", 0), ("b", 1)):
         assert train_main(base_args(setup, base / name, "--iters", 2, "--seed", seed)) == 0
-    assert train_main(base_args(setup, base / "trk", "--stage", "tracker", "--init", base / "a" / "last.pt",
-                                "--iters", 1, "--frames", 2)) == 0
-    res = subprocess.run([sys.executable, "infer.py", "--ensemble", str(base / "a" / "last.pt"),
-                          str(base / "b" / "last.pt"), "--tta", "--tta-scales", "1.0,1.25", "--tta-merge", "mean",
-                          "--save-probs", "--data", str(data), "--split", "unlabeled", "--out", str(setup["pseudo"]),
-                          "--no-progress"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert (
+        train_main(
+            base_args(
+                setup, base / "trk", "--stage", "tracker", "--init", base / "a" / "last.pt", "--iters", 1, "--frames", 2
+            )
+        )
+        == 0
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "infer.py",
+            "--ensemble",
+            str(base / "a" / "last.pt"),
+            str(base / "b" / "last.pt"),
+            "--tta",
+            "--tta-scales",
+            "1.0,1.25",
+            "--tta-merge",
+            "mean",
+            "--save-probs",
+            "--data",
+            str(data),
+            "--split",
+            "unlabeled",
+            "--out",
+            str(setup["pseudo"]),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return setup
 
@@ -147,23 +214,32 @@ def test_semi_loss_cutmix_pastes_one_box_per_clip_into_every_frame(monkeypatch):
     loss = SemiLoss(set_criterion(cfg), student, K, queue_size=50, drop_base=100.0, cutmix=True)
     g = torch.Generator().manual_seed(1)
     labels_l = torch.randint(0, K, (1, 2, 32, 32), generator=g)
-    labelled = collate_clips([{"frames": torch.randn(2, 3, 32, 32, generator=g), "labels": labels_l[0],
-                               "video": "l", "frame_names": ["0", "1"]}])
+    labelled = collate_clips(
+        [
+            {
+                "frames": torch.randn(2, 3, 32, 32, generator=g),
+                "labels": labels_l[0],
+                "video": "l",
+                "frame_names": ["0", "1"],
+            }
+        ]
+    )
     labels_u = torch.stack([torch.full((2, 32, 32), 1), torch.full((2, 32, 32), 3)])  # (Bu=2,T,H,W), one class a clip
     frames_u = torch.stack([torch.full((2, 3, 32, 32), 1.0), torch.full((2, 3, 32, 32), -1.0)])
     unlabelled = {"frames": frames_u, "labels": labels_u, "entropy": torch.rand(2, 2, 32, 32, generator=g)}
     seen_images, seen_targets = [], []
     real_forward, criterion_forward = student.forward, loss.criterion.forward
     monkeypatch.setattr(student, "forward", lambda images: seen_images.append(images) or real_forward(images))
-    monkeypatch.setattr(loss.criterion, "forward",
-                        lambda o, t, i=None: seen_targets.append(t) or criterion_forward(o, t, i))
+    monkeypatch.setattr(
+        loss.criterion, "forward", lambda o, t, i=None: seen_targets.append(t) or criterion_forward(o, t, i)
+    )
     loss(student, labelled, unlabelled, progress=0.0)
     mixed = seen_images[0][2:].view(2, 2, 3, 32, 32)  # the unlabelled frames the student saw
     for b in range(2):
         pasted = mixed[b, 0, 0] != frames_u[b, 0, 0]  # (H,W) where the next clip shows
         assert 0.3 < pasted.float().mean() < 0.7  # about half the area, one rectangle
         rows, cols = pasted.any(1).nonzero()[:, 0], pasted.any(0).nonzero()[:, 0]
-        assert bool(pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+        assert bool(pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())
         assert torch.equal(mixed[b, 1], mixed[b, 0])  # the same box in every frame
         for t in range(2):
             target = seen_targets[1][2 * b + t]  # the pseudo-label targets of frame t of clip b
@@ -183,8 +259,16 @@ def test_semi_loss_splits_reliable_and_unreliable_pixels(monkeypatch):
     labels_l = torch.randint(0, K, (1, 2, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
     labels_u = torch.randint(0, K, (1, 2, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
     entropy_u = torch.rand(1, 2, 32, 32, generator=g)
-    labelled = collate_clips([{"frames": torch.randn(2, 3, 32, 32, generator=g), "labels": labels_l[0],
-                               "video": "l", "frame_names": ["0", "1"]}])
+    labelled = collate_clips(
+        [
+            {
+                "frames": torch.randn(2, 3, 32, 32, generator=g),
+                "labels": labels_l[0],
+                "video": "l",
+                "frame_names": ["0", "1"],
+            }
+        ]
+    )
     unlabelled = {"frames": torch.randn(1, 2, 3, 32, 32, generator=g), "labels": labels_u, "entropy": entropy_u}
 
     seen_targets, seen_contra = [], {}
@@ -247,7 +331,7 @@ def test_semi_loss_splits_reliable_and_unreliable_pixels(monkeypatch):
 
 
 def _teacher(ck: dict, prefix: str) -> dict:
-    return {k[len(prefix) + 1:]: v for k, v in ck["semi_state"]["teacher"].items() if k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1 :]: v for k, v in ck["semi_state"]["teacher"].items() if k.startswith(prefix + ".")}
 
 
 def _params(ck: dict) -> set[str]:
@@ -264,10 +348,20 @@ def semi_runs(setup):
     assert train_main(semi_args(setup, base / "s_split", init, "--stop-at", 1)) == 0
     first = load_checkpoint(base / "s_split" / "last.pt")
     # an explicit --bank-size equal to the tiny preset's default is the same setting
-    assert train_main(semi_args(setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto",
-                                "--bank-size", tiny().semi.bank_size)) == 0
-    return {"first": first, "straight": load_checkpoint(base / "s_straight" / "last.pt"),
-            "resumed": load_checkpoint(base / "s_split" / "last.pt"), "out": base / "s_straight"}
+    assert (
+        train_main(
+            semi_args(
+                setup, base / "s_split", init, "--stop-at", 2, "--resume", "auto", "--bank-size", tiny().semi.bank_size
+            )
+        )
+        == 0
+    )
+    return {
+        "first": first,
+        "straight": load_checkpoint(base / "s_straight" / "last.pt"),
+        "resumed": load_checkpoint(base / "s_split" / "last.pt"),
+        "out": base / "s_straight",
+    }
 
 
 def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, setup, tmp_path):
@@ -288,10 +382,40 @@ def test_semi_checkpoint_keeps_the_student_stage_and_fills_the_bank(semi_runs, s
     # predict_video of the student's VideoModel: the same figures as infer.py on best.pt (saved
     # right after that validation) scored by evaluate.py (integer counts: equal, not close)
     (val,) = [x["val"] for x in lines if "val" in x]
-    assert infer.main(["--checkpoint", str(semi_runs["out"] / "best.pt"), "--data", str(setup["data"]), "--split",
-                       "val", "--out", str(tmp_path / "pred"), "--device", "cpu", "--no-progress"]) == 0
-    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(setup["data"]), "--split", "val",
-                          "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert (
+        infer.main(
+            [
+                "--checkpoint",
+                str(semi_runs["out"] / "best.pt"),
+                "--data",
+                str(setup["data"]),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "pred"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        evaluate.main(
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--gt",
+                str(setup["data"]),
+                "--split",
+                "val",
+                "--json",
+                str(tmp_path / "eval.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert {"mIoU", "VC8"} <= set(val) and val == {k: summary[k] for k in val}, (val, summary)
     assert ck["best_miou"] == val["mIoU"]
@@ -302,8 +426,8 @@ def test_teacher_starts_as_the_student_then_follows_the_ema(semi_runs):
     first, second = semi_runs["first"], semi_runs["resumed"]
     params = _params(first)
     t1, t2 = _teacher(first, "segmenter"), _teacher(second, "segmenter")
-    s1 = {k[len("segmenter."):]: v for k, v in first["model"].items() if k.startswith("segmenter.")}
-    s2 = {k[len("segmenter."):]: v for k, v in second["model"].items() if k.startswith("segmenter.")}
+    s1 = {k[len("segmenter.") :]: v for k, v in first["model"].items() if k.startswith("segmenter.")}
+    s2 = {k[len("segmenter.") :]: v for k, v in second["model"].items() if k.startswith("segmenter.")}
     # step 1: decay ema_decay(0) = 0, the teacher is the updated student
     assert all(torch.equal(t1[k], s1[k]) for k in params)
     # step 2: decay ema_decay(1) = 0.5
@@ -312,14 +436,18 @@ def test_teacher_starts_as_the_student_then_follows_the_ema(semi_runs):
     assert changed
     r1, r2 = _teacher(first, "rep_head"), _teacher(second, "rep_head")
     h2 = second["semi_state"]["rep_head"]
-    assert all(torch.allclose(r2[k], 0.5 * r1[k] + 0.5 * h2[k], atol=1e-7) for k in h2 if "running" not in k
-               and "num_batches" not in k)
+    assert all(
+        torch.allclose(r2[k], 0.5 * r1[k] + 0.5 * h2[k], atol=1e-7)
+        for k in h2
+        if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_semi_resume_rejects_another_bank_size(semi_runs, setup, capsys):
     out = setup["base"] / "s_split"
-    argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--resume", "auto",
-                     "--bank-size", tiny().semi.bank_size + 1)
+    argv = semi_args(
+        setup, out, setup["base"] / "a" / "last.pt", "--resume", "auto", "--bank-size", tiny().semi.bank_size + 1
+    )
     assert train_main(argv) == 2
     assert "different settings (semi.bank_size: 4096 -> 4097)" in capsys.readouterr().err
 
@@ -343,8 +471,11 @@ def test_semi_from_a_tracker_keeps_the_tracker_frozen(setup, tmp_path):
     assert after["stage"] == "tracker" and after["semi"] is True
     tracker = [k for k in before["model"] if k.startswith("tracker.")]
     assert tracker and all(torch.equal(before["model"][k], after["model"][k]) for k in tracker)
-    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"]
-               if k.startswith("segmenter.transformer_decoder.class_embed"))
+    assert any(
+        not torch.equal(before["model"][k], after["model"][k])
+        for k in before["model"]
+        if k.startswith("segmenter.transformer_decoder.class_embed")
+    )
     assert infer.load_member(out / "last.pt", torch.device("cpu"), None).stage == "tracker"
 
 
@@ -353,8 +484,10 @@ def test_semi_flag_errors(setup, tmp_path, capsys):
         train_main(base_args(setup, tmp_path / "a", "--stage", "semi", "--init", "x.pt"))
     assert "--pseudo" in capsys.readouterr().err
     init = setup["base"] / "a" / "last.pt"
-    assert train_main(semi_args(setup, tmp_path / "b", init, "--unlabeled-split", "val",
-                                "--pseudo", tmp_path / "nothing")) == 2
+    assert (
+        train_main(semi_args(setup, tmp_path / "b", init, "--unlabeled-split", "val", "--pseudo", tmp_path / "nothing"))
+        == 2
+    )
     assert "nothing" in capsys.readouterr().err
 
 
@@ -363,16 +496,18 @@ def test_semi_flag_errors(setup, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-
-
-
 def test_two_rank_semi_run_gathers_the_memory_bank(setup, tmp_path):
     wrapper = write_ddp_train_wrapper(tmp_path / "wrapper.py")
     out = tmp_path / "ddp"
     argv = semi_args(setup, out, setup["base"] / "a" / "last.pt", "--iters", 2)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(wrapper), *argv], cwd=REPO, env=ENV, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper), *argv],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = load_checkpoint(out / "last.pt.rank0"), load_checkpoint(out / "last.pt.rank1")
     assert r0["step"] == r1["step"] == 2 and len(r0["rng"]) == 2

@@ -49,8 +49,7 @@ def test_layout_and_classes_json(small):
         assert 5 <= len(frames) <= 7 and [f.stem for f in frames] == [m.stem for m in masks]
         assert all(f.suffix == ".jpg" for f in frames)
         assert vio.read_frame(frames[0]).shape == (48, 64, 3)
-    ds = D.VSPWDataset(small, "train", num_frames=3,
-                       cfg=D.DataConfig(base_size=48, crop_size=(48, 64)), length=5)
+    ds = D.VSPWDataset(small, "train", num_frames=3, cfg=D.DataConfig(base_size=48, crop_size=(48, 64)), length=5)
     batch = D.collate_clips([ds.load_clip(i, np.random.default_rng(i)) for i in range(2)])
     assert batch["frames"].shape == (2, 3, 3, 64, 64)
     assert all(len(t["labels"]) >= 2 for t in batch["targets"])
@@ -107,8 +106,27 @@ def test_default_root_and_ensure(tmp_path, monkeypatch):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert S.main(["--out", str(out), "--videos", "3", "--frames", "3", "--height", "32", "--width", "40",
-                   "--classes", "4", "--seed", "1"]) == 0
+    assert (
+        S.main(
+            [
+                "--out",
+                str(out),
+                "--videos",
+                "3",
+                "--frames",
+                "3",
+                "--height",
+                "32",
+                "--width",
+                "40",
+                "--classes",
+                "4",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert S.is_dataset(out) and len(vio.read_split(out, "val")) == 1
     assert S.main(["--out", str(out), "--videos", "3"]) == 2
     assert "not empty" in capsys.readouterr().err

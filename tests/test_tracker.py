@@ -9,15 +9,22 @@ import torch
 import torch.nn.functional as F
 
 import vss.tracker as tracker_mod
-from vss.tracker import ReferringCrossAttentionLayer, ReferringTracker, TrackerState, hungarian_align, wa_noise
+from vss.tracker import hungarian_align, ReferringCrossAttentionLayer, ReferringTracker, TrackerState, wa_noise
 
 C, HEADS, Q, K_CLASSES, MASK_DIM = 16, 2, 4, 3, 8
 
 
 def make_tracker(noise_ratio=0.5, layers=2, seed=0):
     torch.manual_seed(seed)
-    return ReferringTracker(hidden_dim=C, nheads=HEADS, dim_feedforward=32, num_layers=layers,
-                            mask_dim=MASK_DIM, num_classes=K_CLASSES, noise_ratio=noise_ratio)
+    return ReferringTracker(
+        hidden_dim=C,
+        nheads=HEADS,
+        dim_feedforward=32,
+        num_layers=layers,
+        mask_dim=MASK_DIM,
+        num_classes=K_CLASSES,
+        noise_ratio=noise_ratio,
+    )
 
 
 def make_inputs(b=1, t=3, h=5, w=6, seed=1):
@@ -47,12 +54,17 @@ def test_rca_residual_is_identity_not_query():
     layer = ReferringCrossAttentionLayer(C, HEADS)
     identity, reference, memory = torch.randn(2, Q, C), torch.randn(2, Q, C), torch.randn(2, 7, C)
     out = layer(identity, reference, memory)
-    expected = F.layer_norm(identity + manual_mha(layer.multihead_attn, reference, memory, memory), (C,),
-                            layer.norm.weight, layer.norm.bias)
+    expected = F.layer_norm(
+        identity + manual_mha(layer.multihead_attn, reference, memory, memory), (C,), layer.norm.weight, layer.norm.bias
+    )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # the standard cross-attention (residual = query) is a different function
-    standard = F.layer_norm(reference + manual_mha(layer.multihead_attn, reference, memory, memory), (C,),
-                            layer.norm.weight, layer.norm.bias)
+    standard = F.layer_norm(
+        reference + manual_mha(layer.multihead_attn, reference, memory, memory),
+        (C,),
+        layer.norm.weight,
+        layer.norm.bias,
+    )
     assert (out - standard).abs().max() > 1e-2
 
 
@@ -70,8 +82,9 @@ def reference_track(trk, normed, raw, feats):
 
     def layer(j, identity, reference, memory):
         rca = trk.transformer_cross_attention_layers[j]
-        x = F.layer_norm(identity + manual_mha(rca.multihead_attn, reference, memory, memory), (C,),
-                         rca.norm.weight, rca.norm.bias)
+        x = F.layer_norm(
+            identity + manual_mha(rca.multihead_attn, reference, memory, memory), (C,), rca.norm.weight, rca.norm.bias
+        )
         x = trk.transformer_self_attention_layers[j](x[None])[0]
         return trk.transformer_ffn_layers[j](x)
 
@@ -193,7 +206,7 @@ def test_batched_clips_equal_separate_clips():
     with torch.no_grad():
         both, _ = trk(normed, raw, feats)
         for b in range(2):
-            one, _ = trk(normed[b:b + 1], raw[b:b + 1], feats[b:b + 1])
+            one, _ = trk(normed[b : b + 1], raw[b : b + 1], feats[b : b + 1])
             torch.testing.assert_close(both["pred_masks"][b], one["pred_masks"][0], atol=1e-5, rtol=1e-5)
             assert torch.equal(both["indices"][b], one["indices"][0])
 

@@ -9,29 +9,29 @@ import functools
 import io
 import json
 import os
+from pathlib import Path
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
+from helpers import REPO, script_main, write_ddp_train_wrapper
 import numpy as np
 import pytest
 import torch
 
-import vss.engine
-import vss.stages
-from helpers import REPO, script_main, write_ddp_train_wrapper
 from vss.checkpoint import load_checkpoint
 from vss.config import Config, migrate_config, tiny
-from vss.mvc import mvc_settings
+import vss.engine
 from vss.io import read_label_png, read_split, shift_labels
+from vss.mvc import mvc_settings
 from vss.sampler import build_dataset
+import vss.stages
 from vss.stages import STAGES
-from vss.synthetic import TRAIN_ITERS, render_dataset
+from vss.synthetic import render_dataset, TRAIN_ITERS
 
 train_main = script_main("train.py")
 infer_main, evaluate_main = script_main("infer.py"), script_main("evaluate.py")
@@ -58,8 +58,21 @@ def setup(tmp_path_factory):
 
 
 def args_for(setup, out, *extra) -> list[str]:
-    return ["--config", str(setup["config"]), "--data", str(setup["data"]), "--out", str(out),
-            "--workers", "0", "--log-every", "1", "--eval-every", "0", *map(str, extra)]
+    return [
+        "--config",
+        str(setup["config"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def run(argv, launcher=(sys.executable, "train.py"), timeout=180) -> subprocess.CompletedProcess:
@@ -86,10 +99,40 @@ def assert_val_recomputed(out: Path, data: Path, tmp: Path) -> dict:
     them against the GT (all integer counts: equal, not close). Returns the val line."""
     (val,) = [x["val"] for x in log_lines(out) if "val" in x]
     pred = tmp / "pred"
-    assert infer_main(["--checkpoint", str(out / "best.pt"), "--data", str(data), "--split", "val",
-                       "--out", str(pred), "--device", "cpu", "--no-progress"]) == 0
-    assert evaluate_main(["--pred", str(pred), "--gt", str(data), "--split", "val", "--json", str(tmp / "eval.json"),
-                          "--no-progress"]) == 0
+    assert (
+        infer_main(
+            [
+                "--checkpoint",
+                str(out / "best.pt"),
+                "--data",
+                str(data),
+                "--split",
+                "val",
+                "--out",
+                str(pred),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        evaluate_main(
+            [
+                "--pred",
+                str(pred),
+                "--gt",
+                str(data),
+                "--split",
+                "val",
+                "--json",
+                str(tmp / "eval.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp / "eval.json").read_text())
     assert val == {k: summary[k] for k in val}, (val, summary)
     assert {"mIoU", "fwIoU", "VC8", "VC16"} <= set(val)
@@ -152,12 +195,15 @@ def test_resume_continues_exactly(straight, setup):
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert_same_state(a, b, exact=True)
     assert a["scheduler"] == b["scheduler"] and a["best_miou"] == b["best_miou"]
+
     def steps_3_4(out):  # the same losses, LR, grad norm, val metrics; timings differ
-        return [{k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb", "cpu_min")}
-                for x in log_lines(out) if x["step"] > 2]
+        return [
+            {k: v for k, v in x.items() if k not in ("clips_per_s", "mem_mb", "cpu_min")}
+            for x in log_lines(out)
+            if x["step"] > 2
+        ]
+
     assert steps_3_4(out) == steps_3_4(straight) and len(steps_3_4(out)) == 4  # steps 3, 4, val, done
-
-
 
 
 def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path):
@@ -184,15 +230,19 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
     assert any("mvc_loss_ce" in x for x in log_lines(tmp_path / "single"))
 
 
-
-
 def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):
     out = tmp_path / "sig"
     argv = args_for(setup, out, "--iters", 1000)
     argv[argv.index("--workers") + 1] = "1"  # the signal goes to the data worker as well
     with open(tmp_path / "stdout.txt", "wb") as stdout:
-        proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, stdout=stdout,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *argv],
+            cwd=REPO,
+            env=ENV,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
     # The signal goes out once step 1 is done: its loss shows on the progress bar (stderr), so the
     # data worker has delivered a batch and set its signal handlers. (The 600 s cap only ends a
     # hung run; the test waits for the event, not for a time.)
@@ -256,10 +306,26 @@ def test_init_loads_a_checkpoint_and_rejects_a_foreign_one(setup, straight, tmp_
 
 def test_default_data_is_the_embedded_synthetic_set(setup, tmp_path):
     env_data = tmp_path / "vss_data"
-    argv = ["--config", str(setup["config"]), "--out", str(tmp_path / "run"), "--workers", "0",
-            "--iters", "1", "--eval-every", "0"]
-    res = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True,
-                         env={**ENV, "VSS_DATA": str(env_data)}, timeout=180)
+    argv = [
+        "--config",
+        str(setup["config"]),
+        "--out",
+        str(tmp_path / "run"),
+        "--workers",
+        "0",
+        "--iters",
+        "1",
+        "--eval-every",
+        "0",
+    ]
+    res = subprocess.run(
+        [sys.executable, "train.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**ENV, "VSS_DATA": str(env_data)},
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (env_data / "synthetic" / "classes.json").is_file()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"]["num_classes"] == 6
@@ -268,7 +334,6 @@ def test_default_data_is_the_embedded_synthetic_set(setup, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Video stages, --init, time budget, extra image datasets, config defaults
 # --------------------------------------------------------------------------------------------
-
 
 
 def _keys(state: dict, module: str) -> list[str]:
@@ -297,8 +362,9 @@ def tracker_run(setup, straight, tmp_path_factory):
 
     vss.stages._guided = spy
     try:
-        code = train_main(args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt",
-                                   "--frames", 3, "--eval-every", 4))
+        code = train_main(
+            args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt", "--frames", 3, "--eval-every", 4)
+        )
     finally:
         vss.stages._guided = real
     assert code == 0
@@ -326,8 +392,28 @@ def test_tracker_stage_freezes_the_segmenter_and_guides_the_first_half(tracker_r
 def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
     trk = load_checkpoint(tracker_run[0] / "last.pt")
     out = tmp_path / "refiner"
-    assert train_main(args_for(setup, out, "--stage", "refiner", "--init", tracker_run[0] / "last.pt",
-                               "--frames", 4, "--iters", 2, "--eval-every", 2, "--mvc", "--mvc-patch", 8)) == 0
+    assert (
+        train_main(
+            args_for(
+                setup,
+                out,
+                "--stage",
+                "refiner",
+                "--init",
+                tracker_run[0] / "last.pt",
+                "--frames",
+                4,
+                "--iters",
+                2,
+                "--eval-every",
+                2,
+                "--mvc",
+                "--mvc-patch",
+                8,
+            )
+        )
+        == 0
+    )
     ref = load_checkpoint(out / "last.pt")
     assert ref["stage"] == "refiner" and ref["step"] == 2
     frozen = _keys(trk["model"], "segmenter") + _keys(trk["model"], "tracker")
@@ -380,16 +466,23 @@ def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path, monkey
         return stage.loss(model, criterion, batch, step, cfg)
 
     monkeypatch.setitem(STAGES, "segmenter", dataclasses.replace(stage, loss=counted_loss))
-    monkeypatch.setattr(vss.engine, "BudgetClock",
-                        functools.partial(vss.engine.BudgetClock, cpu_time=lambda: setup_s + step_s * len(begun)))
+    monkeypatch.setattr(
+        vss.engine,
+        "BudgetClock",
+        functools.partial(vss.engine.BudgetClock, cpu_time=lambda: setup_s + step_s * len(begun)),
+    )
     main = script_main("train.py")  # binds the patched BudgetClock
     assert main.__globals__["FIT_STEPS"] == 10
     out = tmp_path / "budget"
     assert main(args_for(setup, out, "--time-budget", budget_min)) == 0
     lines = log_lines(out)
     fitted = [x for x in lines if "schedule" in x]
-    assert fitted == [{"step": 11, "schedule": {"iters": 18, "milestones": [13, 16], "budget_cpu_min": budget_min,
-                                                "cpu_s_per_step": step_s}}]
+    assert fitted == [
+        {
+            "step": 11,
+            "schedule": {"iters": 18, "milestones": [13, 16], "budget_cpu_min": budget_min, "cpu_s_per_step": step_s},
+        }
+    ]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == list(range(1, 19)) and begun == list(range(1, 19))
     # LR of step s (0-based iteration s - 1): 2e-4 x 0.1 ** #(milestones <= s - 1)
@@ -491,8 +584,10 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     # CTVIS in stage 1: on for r50 (4-frame clips), off for tiny unless asked
     r50 = printed_config(["--preset", "r50", *data])
     assert r50.loss.ctvis and r50.stage.frames == 4 and not printed_config(data).loss.ctvis
-    assert printed_config(["--ctvis", *data]).loss.ctvis and not printed_config(["--preset", "r50", "--no-ctvis",
-                                                                                 *data]).loss.ctvis
+    assert (
+        printed_config(["--ctvis", *data]).loss.ctvis
+        and not printed_config(["--preset", "r50", "--no-ctvis", *data]).loss.ctvis
+    )
     assert (cfg.train.seed, cfg.train.split) == (7, "val")
     cfg = printed_config(["--stage", "semi", "--pseudo", "p", "--bank-size", 9, "--ema-decay", 0.5, *data])
     assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
@@ -532,9 +627,15 @@ def test_video_stages_give_every_trainable_parameter_a_gradient(setup, stage):
     cfg = Config.from_dict(json.loads(setup["config"].read_text()))
     cfg.model.num_classes = 3
     g = torch.Generator().manual_seed(0)
-    items = [{"frames": torch.randn(3, 3, 32, 32, generator=g), "video": "v", "frame_names": list("abc"),
-              "labels": torch.randint(0, 3, (3, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)}
-             for _ in range(2)]
+    items = [
+        {
+            "frames": torch.randn(3, 3, 32, 32, generator=g),
+            "video": "v",
+            "frame_names": list("abc"),
+            "labels": torch.randint(0, 3, (3, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2),
+        }
+        for _ in range(2)
+    ]
     for guided in (True, False):
         torch.manual_seed(0)
         cfg.train.stage, cfg.optim.iters = stage, 2
@@ -558,8 +659,23 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(
     assert (migrated.mvc.enabled, migrated.mvc.patch_size, migrated.mvc.ratio) == (True, 8, 0.7)
     assert (migrated.train.seed, migrated.stage.frames, migrated.semi.bank_size) == (3, 2, 4096)
     (tmp_path / "micro.json").write_text(json.dumps(meta["config"]))  # an old-format --config is migrated too
-    argv = ["--config", tmp_path / "micro.json", "--data", data, "--out", tmp_path / "run", "--workers", 0,
-            "--eval-every", 0, "--mvc", "--mvc-patch", 8, "--seed", 3]
+    argv = [
+        "--config",
+        tmp_path / "micro.json",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--workers",
+        0,
+        "--eval-every",
+        0,
+        "--mvc",
+        "--mvc-patch",
+        8,
+        "--seed",
+        3,
+    ]
     assert train_main([*map(str, argv), "--stop-at", "2"]) == 0
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     ckpt.update({"config": meta["config"], "args": meta["args"]})
@@ -612,8 +728,11 @@ def test_broken_training_files_are_named(setup, tmp_path, capsys, damage):
     capsys.readouterr()
     assert train_main(argv) == 2
     err = capsys.readouterr().err
-    expected = {"truncated_jpeg": "is a truncated JPEG", "empty_frame": "is an empty file",
-                "empty_mask": "is an empty file"}[damage]
+    expected = {
+        "truncated_jpeg": "is a truncated JPEG",
+        "empty_frame": "is an empty file",
+        "empty_mask": "is an empty file",
+    }[damage]
     assert expected in err and str(data) in err and "Traceback" not in err
 
 

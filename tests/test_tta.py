@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vss.tta import View, run_tta, tta_views, view_priority, view_size, vote
+from vss.tta import run_tta, tta_views, View, view_priority, view_size, vote
 
 
 def slow_vote(labels, views):
@@ -100,9 +100,7 @@ def test_run_tta_vote_end_to_end():
     back = []
     for view, lab in zip(views, answers):
         lab = lab.flip(-1) if view.flip else lab  # what the view says in the original frame
-        probs = F.interpolate(
-            _one_hot_probs(lab, k), size=(h, w), mode="bilinear", align_corners=False
-        )
+        probs = F.interpolate(_one_hot_probs(lab, k), size=(h, w), mode="bilinear", align_corners=False)
         back.append(probs.argmax(1))
     assert torch.equal(out["labels"], slow_vote(torch.stack(back), views))
 
@@ -218,9 +216,7 @@ def test_out_size_merges_at_the_original_resolution():
     t, h, w, k = 2, 12, 16, 3
     frames = torch.randn(t, 3, h, w, generator=torch.Generator().manual_seed(3))
     predict = _pixelwise_predict(k)
-    out = run_tta(
-        predict, frames, num_classes=k, scales=(1.0,), flip=False, merge="mean", out_size=(30, 40)
-    )
+    out = run_tta(predict, frames, num_classes=k, scales=(1.0,), flip=False, merge="mean", out_size=(30, 40))
     expected = F.interpolate(predict(frames), size=(30, 40), mode="bilinear", align_corners=False)
     assert torch.allclose(out["probs"], expected, atol=1e-6)
     voted = run_tta(predict, frames, num_classes=k, out_size=(30, 40))["labels"]

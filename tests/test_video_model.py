@@ -8,10 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
-import vss.tracker as tracker_mod
 from vss.config import tiny
 from vss.criterion import SetCriterion
 from vss.data import collate_clips, normalize
@@ -20,19 +19,20 @@ from vss.matcher import HungarianMatcher
 from vss.refiner import TemporalRefiner
 from vss.segmenter import semantic_inference
 from vss.synthetic import render_video
+import vss.tracker as tracker_mod
 from vss.tracker import ReferringTracker
 from vss.video_model import (
-    ClassMemory,
-    VideoModel,
     _segmenter_mask_features,
     build_video_model,
+    ClassMemory,
     load_previous_stage,
     predict_video,
+    refiner_loss,
     refiner_reid_loss,
     tracker_loss,
-    refiner_loss,
     tracker_reid_loss,
     video_loss,
+    VideoModel,
 )
 
 K_CLASSES, Q, D, MASK_DIM = 3, 5, 8, 6
@@ -44,8 +44,9 @@ class StandInSegmenter(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, MASK_DIM, 4, stride=4), nn.BatchNorm2d(MASK_DIM), nn.ReLU(),
-                                  nn.Conv2d(MASK_DIM, MASK_DIM, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, MASK_DIM, 4, stride=4), nn.BatchNorm2d(MASK_DIM), nn.ReLU(), nn.Conv2d(MASK_DIM, MASK_DIM, 1)
+        )
         self.query = nn.Parameter(torch.randn(Q, D))
         self.key = nn.Linear(D, MASK_DIM)
         self.read = nn.Linear(MASK_DIM, D)
@@ -62,19 +63,39 @@ class StandInSegmenter(nn.Module):
         reid = self.reid(normed)
         logits = self.cls(normed)
         masks = torch.einsum("nqc,nchw->nqhw", self.mask_embed(normed), feats)
-        return {"pred_logits": logits, "pred_masks": masks,
-                "aux_outputs": [{"pred_logits": logits, "pred_masks": masks}],
-                "pred_embds": torch.cat([normed, reid], -1), "pred_embds_without_norm": torch.cat([q, reid], -1),
-                "mask_features": feats}
+        return {
+            "pred_logits": logits,
+            "pred_masks": masks,
+            "aux_outputs": [{"pred_logits": logits, "pred_masks": masks}],
+            "pred_embds": torch.cat([normed, reid], -1),
+            "pred_embds_without_norm": torch.cat([q, reid], -1),
+            "mask_features": feats,
+        }
 
 
 def make_model(stage, noise_ratio=0.5, seed=0, window_size=3):
     torch.manual_seed(seed)
     seg = StandInSegmenter()
-    trk = ReferringTracker(hidden_dim=2 * D, nheads=2, dim_feedforward=32, num_layers=2, mask_dim=MASK_DIM,
-                           num_classes=K_CLASSES, noise_ratio=noise_ratio) if stage != "segmenter" else None
-    ref = TemporalRefiner(hidden_dim=2 * D, nheads=2, dim_feedforward=32, num_layers=2, mask_dim=MASK_DIM,
-                          num_classes=K_CLASSES) if stage == "refiner" else None
+    trk = (
+        ReferringTracker(
+            hidden_dim=2 * D,
+            nheads=2,
+            dim_feedforward=32,
+            num_layers=2,
+            mask_dim=MASK_DIM,
+            num_classes=K_CLASSES,
+            noise_ratio=noise_ratio,
+        )
+        if stage != "segmenter"
+        else None
+    )
+    ref = (
+        TemporalRefiner(
+            hidden_dim=2 * D, nheads=2, dim_feedforward=32, num_layers=2, mask_dim=MASK_DIM, num_classes=K_CLASSES
+        )
+        if stage == "refiner"
+        else None
+    )
     return VideoModel(seg, trk, ref, stage, window_size=window_size)
 
 
@@ -91,8 +112,14 @@ def make_batch(b=2, t=3, h=32, w=32, seed=0):
     for i in range(b):
         labels = torch.randint(0, K_CLASSES, (t, h // 8, w // 8), generator=g)
         labels = labels.repeat_interleave(8, 1).repeat_interleave(8, 2)
-        items.append({"frames": torch.randn(t, 3, h, w, generator=g), "labels": labels, "video": f"v{i}",
-                      "frame_names": [str(j) for j in range(t)]})
+        items.append(
+            {
+                "frames": torch.randn(t, 3, h, w, generator=g),
+                "labels": labels,
+                "video": f"v{i}",
+                "frame_names": [str(j) for j in range(t)],
+            }
+        )
     return collate_clips(items)
 
 
@@ -216,8 +243,14 @@ def spy_criterion(monkeypatch):
     real = SetCriterion.forward
 
     def forward(self, outputs, targets, indices=None):
-        calls.append({"indices": indices, "targets": targets, "outputs": outputs,
-                      "num_points": (self.num_points, self.matcher.num_points)})
+        calls.append(
+            {
+                "indices": indices,
+                "targets": targets,
+                "outputs": outputs,
+                "num_points": (self.num_points, self.matcher.num_points),
+            }
+        )
         return real(self, outputs, targets, indices)
 
     monkeypatch.setattr(SetCriterion, "forward", forward)
@@ -244,11 +277,19 @@ def test_tracker_loss_consistent_matching_is_found_at_frame_zero_and_reused(monk
     logits[0, 1, 3, 0], logits[0, 1, 3, K_CLASSES] = 10.0, -10.0
     logits[0, 1, 0, 1], logits[0, 1, 0, K_CLASSES] = 10.0, -10.0
     masks[0, 1, 3], masks[0, 1, 0] = m["L"], m["R"]
-    targets = [{"labels": torch.tensor([0, 1]),
-                "masks": torch.stack([m["L"] > 0, m["R"] > 0])[:, None].expand(2, 2, 8, 8).clone()}]
+    targets = [
+        {
+            "labels": torch.tensor([0, 1]),
+            "masks": torch.stack([m["L"] > 0, m["R"] > 0])[:, None].expand(2, 2, 8, 8).clone(),
+        }
+    ]
     refs = torch.randn(1, 2, 4, 2 * D)
-    track = {"pred_logits": logits, "pred_masks": masks, "pred_references": refs,
-             "aux_outputs": [{"pred_logits": logits.flip(2), "pred_masks": masks.flip(2)}]}
+    track = {
+        "pred_logits": logits,
+        "pred_masks": masks,
+        "pred_references": refs,
+        "aux_outputs": [{"pred_logits": logits.flip(2), "pred_masks": masks.flip(2)}],
+    }
     criterion = make_criterion()
     calls = spy_criterion(monkeypatch)
     tracker_loss({"tracker": track}, targets, criterion, guided=False, reid_weight=2.0)
@@ -263,9 +304,11 @@ def test_tracker_loss_consistent_matching_is_found_at_frame_zero_and_reused(monk
 
     # two clips: images are clip-major, each clip keeps its own assignment on all its frames
     perm = [2, 3, 0, 1]  # clip 1 = clip 0 with new slot i holding old query perm[i]
-    batched = {"pred_logits": torch.cat([logits, logits[:, :, perm]]),
-               "pred_masks": torch.cat([masks, masks[:, :, perm]]),
-               "pred_references": torch.randn(2, 2, 4, 2 * D)}
+    batched = {
+        "pred_logits": torch.cat([logits, logits[:, :, perm]]),
+        "pred_masks": torch.cat([masks, masks[:, :, perm]]),
+        "pred_references": torch.randn(2, 2, 4, 2 * D),
+    }
     calls.clear()
     tracker_loss({"tracker": batched}, targets * 2, criterion, guided=False, reid_weight=2.0)
     got = [(q.tolist(), t.tolist()) for q, t in calls[0]["indices"]]
@@ -292,8 +335,10 @@ def test_refiner_loss_video_level_guided_by_tracker(monkeypatch):
     trk_logits, trk_masks = ref_logits[:, :, [2, 3, 1, 0]], ref_masks[:, :, [2, 3, 1, 0]]  # tracker: query 2
     targets = [{"labels": torch.tensor([0]), "masks": (m["L"] > 0).expand(1, t_frames, 8, 8).clone()}]
     embeds = torch.randn(1, t_frames, 4, 2 * D)
-    outputs = {"refiner": {"pred_logits": ref_logits, "pred_masks": ref_masks, "pred_embds": embeds},
-               "tracker": {"pred_logits": trk_logits, "pred_masks": trk_masks}}
+    outputs = {
+        "refiner": {"pred_logits": ref_logits, "pred_masks": ref_masks, "pred_embds": embeds},
+        "tracker": {"pred_logits": trk_logits, "pred_masks": trk_masks},
+    }
     criterion = make_criterion(num_points=50)
     calls = spy_criterion(monkeypatch)
     refiner_loss(outputs, targets, criterion, guided=False, reid_weight=2.0, memory=None)
@@ -426,7 +471,9 @@ def test_video_loss_mvc_feeds_masked_frames_to_frozen_segmenter():
 
 
 def manual_scores(class_probs, mask_logits, padded, valid, out_size, sigmoid_first=True):
-    m = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)[:, :, :valid[0], :valid[1]]
+    m = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)[
+        :, :, : valid[0], : valid[1]
+    ]
     if sigmoid_first:
         m = F.interpolate(m.sigmoid(), size=out_size, mode="bilinear", align_corners=False)[0]
     else:
@@ -448,14 +495,16 @@ def test_predict_video_equals_direct_whole_video_computation(stage):
             m = F.interpolate(m, size=(20, 24), mode="bilinear")
             scores = semantic_inference(seg["pred_logits"], m)  # (T,K,H0,W0)
         else:
-            track, _ = model.tracker(seg["pred_embds"][None], seg["pred_embds_without_norm"][None],
-                                     seg["mask_features"][None])
+            track, _ = model.tracker(
+                seg["pred_embds"][None], seg["pred_embds_without_norm"][None], seg["mask_features"][None]
+            )
             online = track["pred_logits"][0].mean(0).softmax(-1)[:, :-1]
             if stage == "tracker":
                 probs, masks = online, track["pred_masks"][0]
             else:
-                refined = model.refiner(track["pred_embds"], seg["pred_embds_without_norm"][None],
-                                        seg["mask_features"][None])
+                refined = model.refiner(
+                    track["pred_embds"], seg["pred_embds_without_norm"][None], seg["mask_features"][None]
+                )
                 offline = refined["pred_logits"][0].mean(0).softmax(-1)[:, :-1]
                 probs, masks = torch.maximum(offline, online), refined["pred_masks"][0]
             scores = torch.stack([manual_scores(probs, masks[t], (32, 64), (30, 40), (20, 24)) for t in range(7)])
@@ -542,9 +591,12 @@ def small_config():
 
 def synthetic_clip(cfg, frames=3, size=64):
     images, raw = render_video(4, frames=frames, height=size, width=size, num_classes=cfg.model.num_classes)
-    item = {"frames": normalize(torch.from_numpy(np.stack(images)), cfg.data),
-            "labels": torch.from_numpy(np.stack([shift_labels(r) for r in raw])).long(),
-            "video": "synthetic", "frame_names": [str(i) for i in range(frames)]}
+    item = {
+        "frames": normalize(torch.from_numpy(np.stack(images)), cfg.data),
+        "labels": torch.from_numpy(np.stack([shift_labels(r) for r in raw])).long(),
+        "video": "synthetic",
+        "frame_names": [str(i) for i in range(frames)],
+    }
     return collate_clips([item])
 
 

@@ -10,13 +10,13 @@ import math
 
 import numpy as np
 import pytest
+from test_deform_attn import slow_core
 import torch
 import torch.nn.functional as F
 
-from test_deform_attn import slow_core
 from vss.backbone import DinoVisionTransformer, load_backbone_weights, resize_patch_kernel
 from vss.deform_attn import encoder_reference_points
-from vss.vit_adapter import DWConv, Extractor, ViTAdapter, interaction_indexes
+from vss.vit_adapter import DWConv, Extractor, interaction_indexes, ViTAdapter
 
 
 def _vit(depth: int = 4, dim: int = 32, heads: int = 2) -> DinoVisionTransformer:
@@ -125,8 +125,13 @@ def test_dwconv_convolves_each_level_on_its_own():
     maps = [torch.randn(2, 6, h, w) for h, w in sizes]
     tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (2,24+6+2,6)
     out = conv(tokens, sizes)
-    expected = torch.cat([F.conv2d(m, conv.dwconv.weight, conv.dwconv.bias, padding=1, groups=6)
-                          .flatten(2).transpose(1, 2) for m in maps], dim=1)
+    expected = torch.cat(
+        [
+            F.conv2d(m, conv.dwconv.weight, conv.dwconv.bias, padding=1, groups=6).flatten(2).transpose(1, 2)
+            for m in maps
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
@@ -155,7 +160,7 @@ def test_extractor_matches_a_slow_reference():
         hidden = ext.ffn.fc1(F.layer_norm(x, (dim,), ext.ffn_norm.weight, ext.ffn_norm.bias, 1e-6))
         parts, start = [], 0
         for h, w in sizes:  # the depthwise conv level by level
-            m = hidden[:, start: start + h * w].transpose(1, 2).reshape(n, -1, h, w)
+            m = hidden[:, start : start + h * w].transpose(1, 2).reshape(n, -1, h, w)
             parts.append(ext.ffn.dwconv.dwconv(m).flatten(2).transpose(1, 2))
             start += h * w
         expected = x + ext.ffn.fc2(F.gelu(torch.cat(parts, dim=1)))
@@ -187,20 +192,26 @@ def test_adapter_assembles_spatial_prior_vit_maps_and_norms():
         out = adapter(x)
         xp = F.pad(x, (0, 26, 0, 14))
         c1, c2, c3, c4 = adapter.spm(xp)
-        c2, c3, c4 = (t.transpose(1, 2).reshape(2, -1, h, w) + adapter.level_embed[i][:, None, None]
-                      for i, (t, (h, w)) in enumerate(zip((c2, c3, c4), [(8, 12), (4, 6), (2, 3)])))
+        c2, c3, c4 = (
+            t.transpose(1, 2).reshape(2, -1, h, w) + adapter.level_embed[i][:, None, None]
+            for i, (t, (h, w)) in enumerate(zip((c2, c3, c4), [(8, 12), (4, 6), (2, 3)]))
+        )
         tokens, vit_maps = adapter.vit.prepare_tokens(xp), []
         for i, blk in enumerate(adapter.vit.blocks):  # depth 4: one block per interaction
             tokens = blk(tokens)
             vit_maps.append(tokens[:, 1:].transpose(1, 2).reshape(2, -1, 4, 6))
-        up = [F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False),
-              F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False),
-              vit_maps[2], F.avg_pool2d(vit_maps[3], 2)]
+        up = [
+            F.interpolate(vit_maps[0], scale_factor=4, mode="bilinear", align_corners=False),
+            F.interpolate(vit_maps[1], scale_factor=2, mode="bilinear", align_corners=False),
+            vit_maps[2],
+            F.avg_pool2d(vit_maps[3], 2),
+        ]
         feats = [adapter.up(c2) + c1, c2, c3, c4]
     norms = (adapter.norm1, adapter.norm2, adapter.norm3, adapter.norm4)
     for (name, got), feat, vit_map, norm, stride in zip(out.items(), feats, up, norms, (4, 8, 16, 32)):
-        mean, var, weight, bias = (v[:, None, None] for v in (norm.running_mean, norm.running_var, norm.weight,
-                                                               norm.bias))
+        mean, var, weight, bias = (
+            v[:, None, None] for v in (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+        )
         expected = (feat + vit_map - mean) / torch.sqrt(var + 1e-5) * weight + bias
         expected = expected[..., : -(-50 // stride), : -(-70 // stride)]
         assert got.shape == expected.shape, name

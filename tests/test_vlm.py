@@ -2,11 +2,11 @@
 the OpenAI chat-completions API."""
 
 import base64
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 import logging
 import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
@@ -15,12 +15,12 @@ import pytest
 
 from vss.io import load_class_names
 from vss.vlm import (
-    OUTLINE_RGB,
     AmbiguityGroup,
     correct_video,
     format_prompt,
     load_groups,
     make_client,
+    OUTLINE_RGB,
     parse_answer,
 )
 
@@ -286,10 +286,7 @@ def test_prompt_and_groups(tmp_path):
     assert group == AmbiguityGroup("water", "water", ("river", "lake", "sea"))
     assert format_prompt(group) == PROMPT
     two = AmbiguityGroup("boats", "vehicle", ("ship_or_boat", "raft"))
-    assert (
-        format_prompt(two)
-        == "Is the vehicle in the image a ship/boat or raft? Please give me the only answer."
-    )
+    assert format_prompt(two) == "Is the vehicle in the image a ship/boat or raft? Please give me the only answer."
     camvid = ["sky", "building", "road", "pavement"]
     with pytest.raises(ValueError, match="vlm_groups.json.*'river'.*not a class"):
         load_groups(class_names=camvid)
@@ -314,11 +311,7 @@ def test_prompt_and_groups(tmp_path):
 def test_make_client(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     c = make_client("http://127.0.0.1:9/v1", timeout=3.0)
-    assert (
-        c.api_key == KEY
-        and c.max_retries == 0
-        and str(c.base_url).startswith("http://127.0.0.1:9/v1")
-    )
+    assert c.api_key == KEY and c.max_retries == 0 and str(c.base_url).startswith("http://127.0.0.1:9/v1")
     assert make_client("http://127.0.0.1:9/v1", api_key="other").api_key == "other"
     monkeypatch.delenv("OPENAI_API_KEY")
     assert make_client("http://127.0.0.1:9/v1").api_key == "EMPTY"  # local servers need no key

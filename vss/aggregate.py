@@ -24,8 +24,8 @@ Readings of what the paper leaves open:
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
+import shutil
 from typing import Mapping, Sequence
 
 import cv2
@@ -58,8 +58,7 @@ def backward_flows(frames_rgb: Sequence[np.ndarray] | np.ndarray) -> list[np.nda
     """
     greys = [_grey(np.asarray(f)) for f in frames_rgb]
     return [
-        cv2.calcOpticalFlowFarneback(greys[t + 1], greys[t], None, *FARNEBACK_PARAMS)
-        for t in range(len(greys) - 1)
+        cv2.calcOpticalFlowFarneback(greys[t + 1], greys[t], None, *FARNEBACK_PARAMS) for t in range(len(greys) - 1)
     ]
 
 
@@ -78,9 +77,7 @@ def warp_labels(labels: np.ndarray, flow: np.ndarray) -> np.ndarray:
     map_x = grid_x + flow[..., 0]  # (H,W)
     map_y = grid_y + flow[..., 1]  # (H,W)
     # remap has no int64 path; float32 holds label ids exactly (< 2**24).
-    warped = cv2.remap(
-        labels.astype(np.float32), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
-    )
+    warped = cv2.remap(labels.astype(np.float32), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
     return warped.astype(labels.dtype)
 
 
@@ -111,9 +108,7 @@ def temporal_ssim(
     if frame_hw != labels.shape[1:]:
         raise ValueError(f"temporal_ssim: frames are {frame_hw} but labels are {labels.shape[1:]}")
     if min(labels.shape[1:]) < 7:
-        raise ValueError(
-            f"temporal_ssim: frames of {labels.shape[1:]} are smaller than the 7x7 SSIM window"
-        )
+        raise ValueError(f"temporal_ssim: frames of {labels.shape[1:]} are smaller than the 7x7 SSIM window")
     if data_range is None:
         data_range = float(max(1, int(labels.max())))
     if flows is None:
@@ -151,8 +146,7 @@ def choose_per_video(
         data_range = float(max(1, max(int(np.asarray(v).max()) for v in candidates.values())))
     flows = backward_flows(frames_rgb)
     scores = {
-        name: temporal_ssim(frames_rgb, lab, data_range=data_range, flows=flows)[0]
-        for name, lab in candidates.items()
+        name: temporal_ssim(frames_rgb, lab, data_range=data_range, flows=flows)[0] for name, lab in candidates.items()
     }
     # max() keeps the first of equal maxima; NaN (one-frame video) ranks lowest
     best = max(scores, key=lambda name: -np.inf if np.isnan(scores[name]) else scores[name])
@@ -218,15 +212,11 @@ def aggregate_prediction_dirs(
                     f"video {video} (file names differ)"
                 )
             frames = [read_frame(f) for f in frames]
-        candidates = {
-            d: np.stack([read_label_png(p) for p in pngs]) for d, pngs in pngs_by_dir.items()
-        }
+        candidates = {d: np.stack([read_label_png(p) for p in pngs]) for d, pngs in pngs_by_dir.items()}
         frame_shape = (len(frames), *np.asarray(frames[0]).shape[:2])
         for d, lab in candidates.items():
             if lab.shape != frame_shape:
-                raise ValueError(
-                    f"{Path(d) / video}: predictions are {lab.shape}, frames (T,H,W) {frame_shape}"
-                )
+                raise ValueError(f"{Path(d) / video}: predictions are {lab.shape}, frames (T,H,W) {frame_shape}")
         choice, scores = choose_per_video(candidates, frames, num_classes=num_classes)
         dst = Path(out_dir) / video
         dst.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,8 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from vss.config import ModelConfig
 
@@ -138,8 +138,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, frozen_bn: bool,
-                 outplanes: int | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int, frozen_bn: bool, outplanes: int | None = None):
         super().__init__()
         outplanes = outplanes or planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -163,9 +162,7 @@ def _downsample(inplanes: int, outplanes: int, stride: int, frozen_bn: bool) -> 
     if stride == 1 and inplanes == outplanes:
         return None
     # Keys downsample.0 (conv) / downsample.1 (norm), as torchvision.
-    return nn.Sequential(
-        nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), _norm(outplanes, frozen_bn)
-    )
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), _norm(outplanes, frozen_bn))
 
 
 RESNET_SPECS = {
@@ -190,8 +187,15 @@ class ResNet(nn.Module):
             torchvision layout is the default; narrow detectron2 test models set these apart.
     """
 
-    def __init__(self, depth: str = "resnet50", *, width: int = 64, frozen_bn: bool = False,
-                 stem_channels: int = 0, res2_channels: int = 0):
+    def __init__(
+        self,
+        depth: str = "resnet50",
+        *,
+        width: int = 64,
+        frozen_bn: bool = False,
+        stem_channels: int = 0,
+        res2_channels: int = 0,
+    ):
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ValueError(f"unknown ResNet {depth!r}; choose from {sorted(RESNET_SPECS)}")
@@ -322,9 +326,7 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
 
-    def __init__(
-        self, dim: int, num_heads: int, mlp_hidden: int, ffn: str, init_values: float | None
-    ):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, ffn: str, init_values: float | None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -383,9 +385,7 @@ class DinoVisionTransformer(nn.Module):
         if num_register_tokens:
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         hidden = int(embed_dim * mlp_ratio)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, hidden, ffn, init_values) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, hidden, ffn, init_values) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self._init_weights()
@@ -489,9 +489,7 @@ VIT_SPECS = {  # embed_dim, depth, num_heads, ffn (DINOv2 vit_small/base/large/g
 }
 
 
-def build_vit(
-    name: str, *, patch_size: int = 14, num_register_tokens: int = 0
-) -> DinoVisionTransformer:
+def build_vit(name: str, *, patch_size: int = 14, num_register_tokens: int = 0) -> DinoVisionTransformer:
     """A DINOv2 ViT with the torch-hub settings of ``dinov2_vit{s,b,l,g}14[_reg]``: img_size
     518 (37x37 grid at patch 14; 37*patch otherwise), LayerScale 1.0, and pos-embed interpolation
     (antialias False, offset 0.1) or, with registers, (antialias True, offset 0.0)."""
@@ -572,10 +570,7 @@ class SimpleFeaturePyramid(nn.Module):
         Returns:
             dict ``res2..res5``: (N,out_dim,H/s,W/s).
         """
-        return {
-            name: out(resample(m))
-            for name, m, resample, out in zip(LEVELS, maps, self.resample, self.output)
-        }
+        return {name: out(resample(m)) for name, m, resample, out in zip(LEVELS, maps, self.resample, self.output)}
 
 
 def default_neck_layers(depth: int) -> list[int]:
@@ -659,14 +654,17 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         4/8/16/32, with ``out_channels: dict[str, int]``.
     """
     if cfg.backbone in RESNET_SPECS:
-        return ResNet(cfg.backbone, width=cfg.resnet_width, frozen_bn=cfg.frozen_bn,
-                      stem_channels=cfg.resnet_stem_channels, res2_channels=cfg.resnet_res2_channels)
+        return ResNet(
+            cfg.backbone,
+            width=cfg.resnet_width,
+            frozen_bn=cfg.frozen_bn,
+            stem_channels=cfg.resnet_stem_channels,
+            res2_channels=cfg.resnet_res2_channels,
+        )
     if cfg.backbone in VIT_SPECS:
         if cfg.vit_neck not in ("simple", "adapter"):
             raise ValueError(f"vit_neck must be 'simple' or 'adapter', got {cfg.vit_neck!r}")
-        vit = build_vit(
-            cfg.backbone, patch_size=cfg.vit_patch_size, num_register_tokens=cfg.vit_num_registers
-        )
+        vit = build_vit(cfg.backbone, patch_size=cfg.vit_patch_size, num_register_tokens=cfg.vit_num_registers)
         if cfg.vit_neck == "adapter":
             from vss.vit_adapter import ViTAdapter  # its own paper component; imported late on purpose
 
@@ -747,7 +745,5 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         parts = [f"missing keys: {_list(missing)}"] if missing else []
         parts += [f"unexpected keys: {_list(unexpected)}"] if unexpected else []
         parts += [f"shape mismatch (file vs model): {_list(shapes)}"] if shapes else []
-        raise ValueError(
-            f"{path}: does not match the {type(target).__name__} backbone; " + "; ".join(parts)
-        )
+        raise ValueError(f"{path}: does not match the {type(target).__name__} backbone; " + "; ".join(parts))
     target.load_state_dict(sd, strict=True)

@@ -12,16 +12,16 @@ converted to tensors for that reason (numpy arrays would be refused by the safe 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import os
+from pathlib import Path
 import pickle
 import pickletools
 import random
 import re
 import signal
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
+import zipfile
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from vss.config import Config, config_diff, migrate_config
 from vss.distributed import all_gather_object, any_rank, broadcast_buffers, is_main
 from vss.io import atomic_path
 from vss.stages import Stage, video_core
-from vss.video_model import MODULES, VideoModel, load_previous_stage
+from vss.video_model import load_previous_stage, MODULES, VideoModel
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -155,10 +155,14 @@ def rng_state() -> dict:
     version, py_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -218,8 +222,9 @@ def read_init(path: Path) -> InitWeights:
     return InitWeights(Path(path), state, stage, config, modules, bare)
 
 
-def load_init_weights(core: VideoModel, stage: Stage, init: InitWeights | None,
-                      backbone_weights: Path | None = None) -> str:
+def load_init_weights(
+    core: VideoModel, stage: Stage, init: InitWeights | None, backbone_weights: Path | None = None
+) -> str:
     """``backbone_weights`` into the segmenter's backbone, then ``init`` into the modules the model
     has (strict per module); the modules the stage keeps frozen must all come from ``init``.
 
@@ -230,8 +235,9 @@ def load_init_weights(core: VideoModel, stage: Stage, init: InitWeights | None,
         load_backbone_weights(core.segmenter.backbone, backbone_weights)
     if init is None:
         if stage.needs is not None:
-            raise ValueError(f"--stage {stage.name} starts from a trained model: pass --init with "
-                             f"{stage.needs} checkpoint")
+            raise ValueError(
+                f"--stage {stage.name} starts from a trained model: pass --init with {stage.needs} checkpoint"
+            )
         return "no --init: fresh weights"
     present = [n for n in MODULES if getattr(core, n) is not None]
     state = {k: v for k, v in init.state.items() if k.split(".", 1)[0] in present}
@@ -243,21 +249,26 @@ def load_init_weights(core: VideoModel, stage: Stage, init: InitWeights | None,
     except (ValueError, RuntimeError) as e:
         detail = str(e).split("\n")[0][:400]
         if init.bare:
-            raise ValueError(f"--init {init.path} matches neither the {core.stage} model nor a "
-                             f"segmenter: {detail}") from None
+            raise ValueError(
+                f"--init {init.path} matches neither the {core.stage} model nor a segmenter: {detail}"
+            ) from None
         raise ValueError(f"--init {init.path} does not fit the {core.stage} model: {detail}") from None
     frozen = [n for n in present if n != stage.trains]
     required = present if stage.name == "semi" else frozen
     missing = [n for n in required if n in left]
     if missing:
-        raise ValueError(f"--init {init.path} is a {init.stage} checkpoint without {missing} weights, "
-                         f"which --stage {stage.name} needs; pass {stage.needs} checkpoint")
+        raise ValueError(
+            f"--init {init.path} is a {init.stage} checkpoint without {missing} weights, "
+            f"which --stage {stage.name} needs; pass {stage.needs} checkpoint"
+        )
     ignored = sorted(init.modules - set(present))
-    return (f"--init {init.path} ({init.stage} checkpoint): loaded {', '.join(loaded)} "
-            f"({len(state)} tensors, strict per module); trains: {stage.trains}; "
-            f"frozen: {', '.join(frozen) or 'none'}"
-            + (f"; left at initialisation: {', '.join(left)}" if left else "")
-            + (f"; ignored from the checkpoint: {', '.join(ignored)}" if ignored else ""))
+    return (
+        f"--init {init.path} ({init.stage} checkpoint): loaded {', '.join(loaded)} "
+        f"({len(state)} tensors, strict per module); trains: {stage.trains}; "
+        f"frozen: {', '.join(frozen) or 'none'}"
+        + (f"; left at initialisation: {', '.join(left)}" if left else "")
+        + (f"; ignored from the checkpoint: {', '.join(ignored)}" if ignored else "")
+    )
 
 
 class RunInfo(NamedTuple):
@@ -268,19 +279,36 @@ class RunInfo(NamedTuple):
     global_batch: int
 
 
-def training_state(*, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler, scaler, cfg: Config, step: int, best_miou: float | None, info: RunInfo,
-                   cpu_minutes: float) -> dict:
+def training_state(
+    *,
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    cfg: Config,
+    step: int,
+    best_miou: float | None,
+    info: RunInfo,
+    cpu_minutes: float,
+) -> dict:
     """The full training state (collective: gathers every rank's RNG states and class memory).
     ``cpu_minutes`` is the run's CPU time so far (train.py's budget clock)."""
     core = video_core(model)
     state = {
-        "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-        "step": step, "config": cfg.to_dict(), "stage": core.stage, "semi": cfg.train.stage == "semi",
-        "rng": all_gather_object(rng_state()), "best_miou": best_miou,
+        "model": core.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "step": step,
+        "config": cfg.to_dict(),
+        "stage": core.stage,
+        "semi": cfg.train.stage == "semi",
+        "rng": all_gather_object(rng_state()),
+        "best_miou": best_miou,
         "data": {"seed": cfg.train.seed, "global_batch": info.global_batch, "samples": step * info.global_batch},
-        "class_names": list(info.class_names), "palette": info.palette,
+        "class_names": list(info.class_names),
+        "palette": info.palette,
         "cpu_minutes": cpu_minutes,  # of the whole run so far (resumed processes add up)
     }
     if core.stage == "refiner" and cfg.train.stage == "refiner":
@@ -317,18 +345,30 @@ def check_resume(ckpt: dict, path: Path, cfg: Config, global_batch: int) -> None
     equal the checkpoint's, and the global batch must be the same."""
     trained = _trained_stage(ckpt)
     if trained != cfg.train.stage:
-        raise ValueError(f"{path} is a {trained!r} checkpoint, not {cfg.train.stage!r}; "
-                         "start the next stage with --init")
+        raise ValueError(
+            f"{path} is a {trained!r} checkpoint, not {cfg.train.stage!r}; start the next stage with --init"
+        )
     differ = config_diff(checkpoint_config(ckpt), cfg)
     if ckpt["data"]["global_batch"] != global_batch:
         differ.append(f"global batch {ckpt['data']['global_batch']} -> {global_batch}")
     if differ:
-        raise ValueError(f"resuming {path} with different settings ({'; '.join(differ)}); pass the "
-                         "settings of the original run (or none), or start a new run with --init")
+        raise ValueError(
+            f"resuming {path} with different settings ({'; '.join(differ)}); pass the "
+            "settings of the original run (or none), or start a new run with --init"
+        )
 
 
-def restore_training(ckpt: dict, *, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, scaler, rank: int, world_size: int) -> tuple[int, float | None]:
+def restore_training(
+    ckpt: dict,
+    *,
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    rank: int,
+    world_size: int,
+) -> tuple[int, float | None]:
     """Load a resumed run's states; returns (step, best val mIoU so far)."""
     core = video_core(model)
     core.load_state_dict(ckpt["model"])
@@ -353,8 +393,9 @@ def load_resume_checkpoint(path: Path, best: Path) -> dict:
     except ValueError as e:
         if path == best or not best.is_file():
             raise
-        raise ValueError(f"{e}. {best} (the best validated state, an earlier step) is intact: continue from it "
-                         f"with --resume {best}") from None
+        raise ValueError(
+            f"{e}. {best} (the best validated state, an earlier step) is intact: continue from it with --resume {best}"
+        ) from None
 
 
 class StopRequest:

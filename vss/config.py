@@ -18,9 +18,9 @@ from argparse flags explicitly.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import typing
-from dataclasses import dataclass, field
 
 
 @dataclass
@@ -230,6 +230,7 @@ def _from_dict(kind, d: dict):
 
 def config_diff(a: Config, b: Config) -> list[str]:
     """Dotted names of the fields that differ, with both values, e.g. "optim.lr: 0.0001 -> 0.001"."""
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -262,18 +263,39 @@ def migrate_config(config: dict, stage: str | None = None, args: dict | None = N
     # the clips of that version: the preset's frames in stages 1 and semi, 5 / 21 (tiny: 9) in the
     # video stages, stage 3 reversed with p 0.5, every stage with the fixed crop and optim.lr_steps
     image_frames = 2 if config.get("name") == "tiny" else 1
-    stages = {"segmenter": StageConfig(frames=image_frames), "tracker": StageConfig(frames=5),
-              "refiner": StageConfig(frames=9 if config.get("name") == "tiny" else 21, reverse_prob=0.5),
-              "semi": StageConfig(frames=image_frames)}
+    stages = {
+        "segmenter": StageConfig(frames=image_frames),
+        "tracker": StageConfig(frames=5),
+        "refiner": StageConfig(frames=9 if config.get("name") == "tiny" else 21, reverse_prob=0.5),
+        "semi": StageConfig(frames=image_frames),
+    }
     stages[stage].frames = frames
     config["stages"] = {name: dataclasses.asdict(value) for name, value in stages.items()}
-    config["train"] = {"stage": stage, "seed": args.get("seed", 0), "split": args.get("split", "train"),
-                       "extra": list(args.get("extra") or []), "extra_ratio": args.get("extra_ratio")}
-    config["mvc"] = {"enabled": bool(args.get("mvc")), "patch_size": args.get("mvc_patch"),
-                     "ratio": args.get("mvc_ratio", 0.7), "weight": args.get("mvc_weight", 1.0)}
+    config["train"] = {
+        "stage": stage,
+        "seed": args.get("seed", 0),
+        "split": args.get("split", "train"),
+        "extra": list(args.get("extra") or []),
+        "extra_ratio": args.get("extra_ratio"),
+    }
+    config["mvc"] = {
+        "enabled": bool(args.get("mvc")),
+        "patch_size": args.get("mvc_patch"),
+        "ratio": args.get("mvc_ratio", 0.7),
+        "weight": args.get("mvc_weight", 1.0),
+    }
     semi = dataclasses.asdict(base.semi)
-    for key in ("pseudo", "unlabeled_split", "unlabeled_data", "unsup_weight", "contrastive_weight",
-                "drop_percent", "entropy_alpha", "ema_decay", "bank_size"):
+    for key in (
+        "pseudo",
+        "unlabeled_split",
+        "unlabeled_data",
+        "unsup_weight",
+        "contrastive_weight",
+        "drop_percent",
+        "entropy_alpha",
+        "ema_decay",
+        "bank_size",
+    ):
         if args.get(key) is not None:
             semi[key] = args[key]
     config["semi"] = semi
@@ -285,17 +307,32 @@ def tiny() -> Config:
     return Config(
         name="tiny",
         model=ModelConfig(
-            backbone="resnet18", frozen_bn=False, conv_dim=128, mask_dim=128, enc_layers=3,
-            enc_ffn_dim=512, enc_heads=4, hidden_dim=128, num_queries=50, nheads=4,
-            dim_feedforward=512, dec_layers=6, tracker_layers=3, refiner_layers=3,
+            backbone="resnet18",
+            frozen_bn=False,
+            conv_dim=128,
+            mask_dim=128,
+            enc_layers=3,
+            enc_ffn_dim=512,
+            enc_heads=4,
+            hidden_dim=128,
+            num_queries=50,
+            nheads=4,
+            dim_feedforward=512,
+            dec_layers=6,
+            tracker_layers=3,
+            refiner_layers=3,
             video_ffn_dim=512,
         ),
         loss=LossConfig(num_points=3136),  # 56**2: enough for 240x320 masks at stride 4
         data=DataConfig(base_size=240, crop_size=(240, 320), test_size=240),
         optim=OptimConfig(lr=2e-4, iters=600, batch=2, clip_grad=1.0),
         # Stage 3's 21-frame clips cost ~4x a 5-frame one per step: scaled down for the CPU.
-        stages=StagesConfig(segmenter=StageConfig(frames=2), tracker=StageConfig(frames=5),
-                            refiner=StageConfig(frames=9, reverse_prob=0.5), semi=StageConfig(frames=2)),
+        stages=StagesConfig(
+            segmenter=StageConfig(frames=2),
+            tracker=StageConfig(frames=5),
+            refiner=StageConfig(frames=9, reverse_prob=0.5),
+            semi=StageConfig(frames=2),
+        ),
         # 4096 keys per class: ~24 MB with the synthetic data's 6 classes (30000 made 118 MB of a
         # 342 MB checkpoint there), about two steps of negatives of the default synthetic run.
         semi=SemiConfig(bank_size=4096),

@@ -48,10 +48,10 @@ import codecs
 import collections
 import importlib
 import json
+from pathlib import Path
 import pickle
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from torch import Tensor
 from vss.checkpoint import save_checkpoint
 from vss.config import Config, get_preset
 from vss.io import default_palette, load_class_names
-from vss.video_model import MODULES, build_video_model
+from vss.video_model import build_video_model, MODULES
 
 DROPPED = ("criterion.empty_weight", "pixel_mean", "pixel_std")
 # torchvision's ImageNet classifier, kept by detectron2's convert-torchvision-to-d2.py as "stem.fc"
@@ -90,18 +90,23 @@ class RestrictedUnpickler(pickle.Unpickler):
     refused after loading (their items would be arbitrary)."""
 
     ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("collections", "OrderedDict"),
         ("_codecs", "encode"),  # how Python 3 writes bytes (the arrays' buffers) at protocol 2
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays and plain "
-                                         "Python data are accepted")
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: only numpy arrays and plain Python data are accepted"
+            )
         if module == "collections":
             return collections.OrderedDict
         if module == "_codecs":
@@ -116,8 +121,10 @@ def _to_tensor(key: str, value, source: Path) -> Tensor:
         return value
     if isinstance(value, np.ndarray) and value.dtype != object:
         return torch.from_numpy(np.ascontiguousarray(value))
-    raise ValueError(f"{source}: {key} is a {type(value).__name__}"
-                     f"{' of objects' if isinstance(value, np.ndarray) else ''}, not an array")
+    raise ValueError(
+        f"{source}: {key} is a {type(value).__name__}"
+        f"{' of objects' if isinstance(value, np.ndarray) else ''}, not an array"
+    )
 
 
 def read_source(path: str | Path) -> dict[str, Tensor]:
@@ -176,7 +183,7 @@ def resnet_key(key: str) -> str | None:
     else:
         return None
     param = m.group("param")
-    return prefix + (f"{conv}.weight" if param == "weight" else f"{norm}.{param[len('norm.'):]}")
+    return prefix + (f"{conv}.weight" if param == "weight" else f"{norm}.{param[len('norm.') :]}")
 
 
 def rename_key(key: str) -> str | None:
@@ -185,16 +192,16 @@ def rename_key(key: str) -> str | None:
     if key in DROPPED:
         return None
     if key.startswith("backbone."):
-        rest = key[len("backbone."):]
+        rest = key[len("backbone.") :]
         if rest.startswith("vit_module."):
-            return "segmenter.backbone.vit." + rest[len("vit_module."):]
+            return "segmenter.backbone.vit." + rest[len("vit_module.") :]
         converted = resnet_key(rest)
         return "segmenter.backbone." + (converted if converted is not None else rest)
     if key.startswith("sem_seg_head.pixel_decoder."):
-        rest = key[len("sem_seg_head.pixel_decoder."):].replace("transformer.encoder.layers.", "transformer.layers.")
+        rest = key[len("sem_seg_head.pixel_decoder.") :].replace("transformer.encoder.layers.", "transformer.layers.")
         return "segmenter.pixel_decoder." + rest
     if key.startswith("sem_seg_head.predictor."):
-        return "segmenter.transformer_decoder." + key[len("sem_seg_head.predictor."):]
+        return "segmenter.transformer_decoder." + key[len("sem_seg_head.predictor.") :]
     return key
 
 
@@ -267,8 +274,11 @@ def check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], s
     mismatched keys (vss names; the DVIS++ names follow from the module docstring)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
-                  if k in state and tuple(state[k].shape) != expected[k]]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
     if missing or unexpected or mismatched:
         parts = [f"{len(missing)} missing: {_listing(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected: {_listing(unexpected)}"] if unexpected else []
@@ -276,8 +286,9 @@ def check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], s
         raise ValueError(f"{source} does not fit the model; " + "; ".join(parts))
 
 
-def convert(source_path: str | Path, *, preset: str | None = None, config: Config | None = None,
-            stage: str | None = None) -> dict:
+def convert(
+    source_path: str | Path, *, preset: str | None = None, config: Config | None = None, stage: str | None = None
+) -> dict:
     """Everything up to writing: the vss checkpoint dict of a DVIS++ file.
 
     Args:
@@ -305,7 +316,10 @@ def convert(source_path: str | Path, *, preset: str | None = None, config: Confi
     if len(names) != cfg.model.num_classes:  # not VSPW
         names, palette = [f"class_{k}" for k in range(cfg.model.num_classes)], default_palette(cfg.model.num_classes)
     return {
-        "model": state, "config": cfg.to_dict(), "stage": stage, "class_names": names,
+        "model": state,
+        "config": cfg.to_dict(),
+        "stage": stage,
+        "class_names": names,
         "palette": palette.tolist(),
         "converted_from": {"file": source_path.name, "dropped_modules": dropped},
     }
@@ -313,8 +327,13 @@ def convert(source_path: str | Path, *, preset: str | None = None, config: Confi
 
 def convert_backbone(source: dict[str, Tensor]) -> dict[str, Tensor]:
     """A bare detectron2 ResNet as a torchvision-layout state dict (``--backbone-weights``)."""
-    return _with_batch_counters({resnet_key(k): v.float() if v.is_floating_point() else v
-                                 for k, v in source.items() if k not in BACKBONE_DROPPED})
+    return _with_batch_counters(
+        {
+            resnet_key(k): v.float() if v.is_floating_point() else v
+            for k, v in source.items()
+            if k not in BACKBONE_DROPPED
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,17 +345,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m vss.convert_dvis",
         description="Convert a DVIS++ / detectron2 checkpoint (.pth or model-zoo .pkl) into a vss checkpoint "
-                    "for infer.py --checkpoint and train.py --init (a bare detectron2 ResNet becomes a "
-                    "torchvision state dict for train.py --backbone-weights).")
+        "for infer.py --checkpoint and train.py --init (a bare detectron2 ResNet becomes a "
+        "torchvision state dict for train.py --backbone-weights).",
+    )
     p.add_argument("source", type=Path, help="DVIS++ checkpoint (.pth with a 'model' dict, or a .pkl of numpy arrays)")
     p.add_argument("--out", type=Path, required=True, help="vss checkpoint to write (.pt)")
-    p.add_argument("--preset", choices=["r50", "vitl"], default=None,
-                   help="vss preset of the model (default: from the backbone keys)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="a vss config JSON instead of a preset (models of other dimensions)")
-    p.add_argument("--stage", choices=list(MODULES), default=None,
-                   help="keep the modules up to this stage (default: all in the file; offline -> refiner, "
-                        "online -> tracker, CTVIS/MinVIS -> segmenter)")
+    p.add_argument(
+        "--preset",
+        choices=["r50", "vitl"],
+        default=None,
+        help="vss preset of the model (default: from the backbone keys)",
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, help="a vss config JSON instead of a preset (models of other dimensions)"
+    )
+    p.add_argument(
+        "--stage",
+        choices=list(MODULES),
+        default=None,
+        help="keep the modules up to this stage (default: all in the file; offline -> refiner, "
+        "online -> tracker, CTVIS/MinVIS -> segmenter)",
+    )
     return p.parse_args(argv)
 
 
@@ -352,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         source = read_source(args.source)
         if is_bare_resnet(source):
             save_checkpoint(args.out, convert_backbone(source))
-            print(f"{args.source}: a bare ResNet ({len(source)} tensors) -> {args.out} "
-                  "(torchvision layout, for train.py --backbone-weights)")
+            print(
+                f"{args.source}: a bare ResNet ({len(source)} tensors) -> {args.out} "
+                "(torchvision layout, for train.py --backbone-weights)"
+            )
             return 0
         ckpt = convert(args.source, preset=args.preset, config=config, stage=args.stage)
     except (FileNotFoundError, ValueError) as e:
@@ -361,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     save_checkpoint(args.out, ckpt)
     dropped = ckpt["converted_from"]["dropped_modules"]
-    print(f"{args.source} -> {args.out}: {len(ckpt['model'])} tensors, preset {ckpt['config']['name']}, "
-          f"stage {ckpt['stage']}" + (f" (dropped: {', '.join(dropped)})" if dropped else ""))
+    print(
+        f"{args.source} -> {args.out}: {len(ckpt['model'])} tensors, preset {ckpt['config']['name']}, "
+        f"stage {ckpt['stage']}" + (f" (dropped: {', '.join(dropped)})" if dropped else "")
+    )
     return 0
 
 

@@ -37,8 +37,8 @@ training.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from vss.distributed import all_reduce_sum, get_world_size
 from vss.matcher import HungarianMatcher, point_sample, point_valid, uncertain_point_coords
@@ -96,9 +96,7 @@ class SetCriterion(nn.Module):
         # Not persistent: derived from the config, must not end up in model checkpoints.
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def forward(
-        self, outputs: dict, targets: list[dict], indices: Indices | None = None
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], indices: Indices | None = None) -> dict[str, torch.Tensor]:
         """Weighted losses of the final prediction and every auxiliary one.
 
         Args:
@@ -130,9 +128,14 @@ class SetCriterion(nn.Module):
         valid = None
         if any("valid" in t for t in targets):
             # images without ``valid`` keep every pixel, padding included (as without ignore)
-            valid = torch.stack([_pad_to(t["valid"].to(device)[None], height, width)[0] if "valid" in t
-                                 else torch.ones(height, width, dtype=torch.bool, device=device)
-                                 for t in targets])  # (N,H,W)
+            valid = torch.stack(
+                [
+                    _pad_to(t["valid"].to(device)[None], height, width)[0]
+                    if "valid" in t
+                    else torch.ones(height, width, dtype=torch.bool, device=device)
+                    for t in targets
+                ]
+            )  # (N,H,W)
 
         aux = outputs.get("aux_outputs", [])
         layers = [("", outputs)] + [(f"_{i}", out) for i, out in enumerate(aux)]
@@ -155,8 +158,9 @@ class SetCriterion(nn.Module):
 
     def _check_inputs(self, logits: torch.Tensor, targets: list[dict], indices: Indices | None) -> None:
         if logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"SetCriterion: pred_logits has {logits.shape[-1]} classes, expected "
-                             f"K+1 = {self.num_classes + 1}")
+            raise ValueError(
+                f"SetCriterion: pred_logits has {logits.shape[-1]} classes, expected K+1 = {self.num_classes + 1}"
+            )
         if len(targets) != logits.shape[0]:
             raise ValueError(f"SetCriterion: {logits.shape[0]} predictions but {len(targets)} targets")
         if indices is not None and len(indices) != len(targets):
@@ -164,11 +168,12 @@ class SetCriterion(nn.Module):
         for i, t in enumerate(targets):
             lab = t["labels"]
             if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
-                raise ValueError(f"SetCriterion: target labels of image {i} must lie in "
-                                 f"[0, {self.num_classes}), got [{int(lab.min())}, {int(lab.max())}]")
+                raise ValueError(
+                    f"SetCriterion: target labels of image {i} must lie in "
+                    f"[0, {self.num_classes}), got [{int(lab.min())}, {int(lab.max())}]"
+                )
             if t["masks"].shape[0] != lab.shape[0]:
-                raise ValueError(f"SetCriterion: image {i} has {lab.shape[0]} labels but "
-                                 f"{t['masks'].shape[0]} masks")
+                raise ValueError(f"SetCriterion: image {i} has {lab.shape[0]} labels but {t['masks'].shape[0]} masks")
 
     def loss_labels(
         self,
@@ -189,13 +194,12 @@ class SetCriterion(nn.Module):
             Scalar float32 ``sum_i w_{y_i} * CE_i / sum_i w_{y_i}`` over all N*Q queries.
         """
         device = pred_logits.device
-        target_classes = torch.full(
-            pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=device
-        )  # (N,Q)
+        target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)  # (N,Q)
         target_classes[batch_idx.to(device), q_idx.to(device)] = all_labels[t_idx.to(device)]
         with torch.autocast(device_type=device.type, enabled=False):
-            return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes,
-                                   weight=self.empty_weight.to(device))
+            return F.cross_entropy(
+                pred_logits.float().transpose(1, 2), target_classes, weight=self.empty_weight.to(device)
+            )
 
     def loss_masks(
         self,
@@ -232,8 +236,9 @@ class SetCriterion(nn.Module):
 
             # 1. points chosen where the prediction is uncertain (no gradient through the choice)
             with torch.no_grad():
-                coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
-                                                self.importance_sample_ratio)  # (M_match,P,2)
+                coords = uncertain_point_coords(
+                    src, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                )  # (M_match,P,2)
                 labels = point_sample(tgt, coords)[:, 0]  # (M_match,P)
                 if valid is not None:
                     weight = point_valid(valid[batch_idx.to(device)], coords).float()  # (M_match,P)
@@ -261,9 +266,9 @@ def reid_contrastive_loss(
 ) -> torch.Tensor:
     """IDOL-style contrastive re-identification loss on raw dot products.
 
-    For anchor a with positives {p} and negatives {n} (IDOL's loss as DVIS_Plus ``dvis_Plus/meta_architecture.py`` uses it,
-    "Segmenter training for VSS", used by the tracker (section 3) and refiner (section 4);
-    IDOL, Wu et al., ECCV 2022, Eq. (2)):
+    For anchor a with positives {p} and negatives {n} (IDOL's loss as DVIS_Plus
+    ``dvis_Plus/meta_architecture.py`` uses it, "Segmenter training for VSS", used by the tracker
+    (section 3) and refiner (section 4); IDOL, Wu et al., ECCV 2022, Eq. (2)):
 
         loss(a) = log(1 + sum_p sum_n exp(n.a - p.a))
 

@@ -40,8 +40,8 @@ torch's RNG (seeded per micro-batch by train.py, so runs are reproducible and re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+import torch.nn.functional as F
 
 from vss.criterion import reid_contrastive_loss
 
@@ -55,8 +55,9 @@ def _fuse(fused: Tensor | None, earlier: list[Tensor], new: Tensor) -> Tensor:
     return (1 - beta) * fused + beta * new
 
 
-def contrastive_items(reid: Tensor, slots: Tensor, generator: torch.Generator | None = None
-                      ) -> list[tuple[Tensor, Tensor, Tensor]]:
+def contrastive_items(
+    reid: Tensor, slots: Tensor, generator: torch.Generator | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The (anchor (C,), positive (C,), negatives (n,C)) items of one clip, in the released order
     (frames, then classes), so the coins are drawn in that order too.
 
@@ -89,7 +90,7 @@ def contrastive_items(reid: Tensor, slots: Tensor, generator: torch.Generator | 
             if anchors[m][t] is None:
                 continue
             earlier = [a for a in anchors[m][:t] if a is not None]
-            later = [a for a in anchors[m][t + 1:] if a is not None]
+            later = [a for a in anchors[m][t + 1 :] if a is not None]
             if earlier:
                 use_fused = bool(torch.rand((), generator=generator) > 0.5)
                 positive = fused_upto[m][t - 1] if use_fused else earlier[-1]
@@ -126,13 +127,14 @@ def ctvis_loss(reid: Tensor, slots: Tensor, generator: torch.Generator | None = 
         a = F.normalize(anchors, dim=-1)
         cos_pos = (F.normalize(positives[:, 0], dim=-1) * a).sum(-1)  # (A,)
         cos_neg = torch.einsum("anc,ac->an", F.normalize(negatives, dim=-1), a)  # (A,N)
-        sq = (1 - cos_pos) ** 2 + (cos_neg ** 2 * neg_valid).sum(-1)  # (A,)
+        sq = (1 - cos_pos) ** 2 + (cos_neg**2 * neg_valid).sum(-1)  # (A,)
         aux = (sq / (1 + neg_valid.sum(-1))).mean()
     return loss, aux
 
 
-def frame_slots(assignments: list[tuple[Tensor, Tensor]], frame_labels: list[Tensor], clip_labels: list[Tensor],
-                num_frames: int) -> Tensor:
+def frame_slots(
+    assignments: list[tuple[Tensor, Tensor]], frame_labels: list[Tensor], clip_labels: list[Tensor], num_frames: int
+) -> Tensor:
     """(B,T,M) query slots from per-frame matchings.
 
     Args:

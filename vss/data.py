@@ -24,8 +24,8 @@ Implements (DVIS_Plus ``dvis_Plus/data_video/dataset_mapper_vss.py``, ``VSSMAP``
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -35,9 +35,16 @@ import torch
 import torch.utils.data
 
 from vss.config import DataConfig
-from vss.io import (IGNORE, check_label_range, load_class_names, paired_frames, read_frame, read_label_png,
-                    read_split, shift_labels)
-
+from vss.io import (
+    check_label_range,
+    IGNORE,
+    load_class_names,
+    paired_frames,
+    read_frame,
+    read_label_png,
+    read_split,
+    shift_labels,
+)
 
 # --------------------------------------------------------------------------------------------
 # Normalisation
@@ -125,8 +132,12 @@ class ClipTransform:
 
 
 def sample_clip_transform(
-    rng: np.random.Generator, image_size: tuple[int, int], cfg: DataConfig, augment: bool = True,
-    crop: str = "fixed", crop_range: tuple[int, int] = (600, 720),
+    rng: np.random.Generator,
+    image_size: tuple[int, int],
+    cfg: DataConfig,
+    augment: bool = True,
+    crop: str = "fixed",
+    crop_range: tuple[int, int] = (600, 720),
 ) -> ClipTransform:
     """Draw the per-clip transform.
 

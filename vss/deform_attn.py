@@ -28,8 +28,8 @@ import math
 from typing import Sequence
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 
 def ms_deform_attn_core(
@@ -55,8 +55,9 @@ def ms_deform_attn_core(
     maps = value_maps(value, spatial_shapes)
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5)  # (N, M, L, P, Lq, 2) in [-1, 1]
     weights = attention_weights.permute(0, 2, 3, 4, 1)  # (N, M, L, P, Lq)
-    out = sample_and_sum(maps, grids.reshape(n * heads, n_levels, n_points, lq, 2),
-                         weights.reshape(n * heads, n_levels, n_points, lq))  # (N*M, Dh, Lq)
+    out = sample_and_sum(
+        maps, grids.reshape(n * heads, n_levels, n_points, lq, 2), weights.reshape(n * heads, n_levels, n_points, lq)
+    )  # (N*M, Dh, Lq)
     return out.view(n, heads * dh, lq).transpose(1, 2)  # (N, Lq, M*Dh)
 
 
@@ -144,9 +145,7 @@ class MSDeformAttn(nn.Module):
         value_ratio: value width = D * value_ratio (ViT-Adapter's `ratio`; 1.0 = Deformable DETR).
     """
 
-    def __init__(
-        self, *, d_model: int, n_levels: int, n_heads: int, n_points: int, value_ratio: float = 1.0
-    ):
+    def __init__(self, *, d_model: int, n_levels: int, n_heads: int, n_points: int, value_ratio: float = 1.0):
         super().__init__()
         value_dim = int(d_model * value_ratio)
         if value_dim % n_heads:
@@ -204,9 +203,7 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
         if len(spatial_shapes) != self.n_levels:
-            raise ValueError(
-                f"MSDeformAttn built for {self.n_levels} levels, got {len(spatial_shapes)}"
-            )
+            raise ValueError(f"MSDeformAttn built for {self.n_levels} levels, got {len(spatial_shapes)}")
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
 
         _check_shapes(s, levels, spatial_shapes)
@@ -230,7 +227,8 @@ class MSDeformAttn(nn.Module):
         logits = self.attention_weights(query).view(n, lq, heads, levels * points)  # (N, Lq, M, L*P)
         weights = logits.permute(0, 2, 3, 1).contiguous().softmax(2)  # (N, M, L*P, Lq)
 
-        out = sample_and_sum(maps, grids.view(n * heads, levels, points, lq, 2),
-                             weights.view(n * heads, levels, points, lq))  # (N*M, Dh, Lq)
+        out = sample_and_sum(
+            maps, grids.view(n * heads, levels, points, lq, 2), weights.view(n * heads, levels, points, lq)
+        )  # (N*M, Dh, Lq)
         out = out.view(n, self.value_dim, lq).transpose(1, 2)  # (N, Lq, Dv)
         return self.output_proj(out)

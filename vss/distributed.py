@@ -15,9 +15,9 @@ caller threw the result away for 16 months; the tests cover it.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import gc
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

@@ -25,11 +25,11 @@ import bisect
 import contextlib
 import json
 import math
+from pathlib import Path
 import resource
 import time
-import warnings
-from pathlib import Path
 from typing import Callable, ContextManager, Sequence
+import warnings
 
 import cv2
 import numpy as np
@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from vss.config import DataConfig, OptimConfig
 from vss.data import normalize, rescaled_size
-from vss.io import EvalVideo, atomic_path, json_safe, read_frame, read_label_png, shift_labels
 from vss.distributed import all_gather_object, all_reduce_sum, get_rank, get_world_size
-from vss.metrics import DatasetStats, VideoStats, summarize
+from vss.io import atomic_path, EvalVideo, json_safe, read_frame, read_label_png, shift_labels
+from vss.metrics import DatasetStats, summarize, VideoStats
 
 # Parameters of these modules get no weight decay. Modules whose class name contains "Norm"
 # (e.g. a channels-first LayerNorm2d in a neck) count as normalisation layers as well.
@@ -164,8 +164,7 @@ def make_autocast(
         raise ValueError(f"amp mode must be 'fp16', 'bf16' or 'off', got {mode!r}")
     if mode == "bf16":
         if device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--amp bf16 needs a GPU with bfloat16 support (V100 has none); "
-                             "use --amp fp16")
+            raise ValueError("--amp bf16 needs a GPU with bfloat16 support (V100 has none); use --amp fp16")
         return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)), None
     if mode == "fp16":
         scaler = torch.amp.GradScaler(device_type)
@@ -295,15 +294,15 @@ def _video_stats(
     device: torch.device,
 ) -> VideoStats:
     if video.masks is None or not any(m is not None for m in video.masks):
-        raise ValueError(f"video {video.name} has no ground-truth masks (mask/ folder); "
-                         "cannot evaluate")
+        raise ValueError(f"video {video.name} has no ground-truth masks (mask/ folder); cannot evaluate")
     images = np.stack([read_frame(p) for p in video.frames])  # (T,H0,W0,3)
     out_size = images.shape[1:3]
     frames = normalize(resize_short_side(images, data_cfg.test_size, data_cfg.max_size), data_cfg)  # (T,3,h,w)
     labels = predict_fn(frames.to(device), out_size)  # (T,H0,W0)
     if tuple(labels.shape) != (len(images), *out_size):
-        raise ValueError(f"video {video.name}: predict_fn returned {tuple(labels.shape)}, expected "
-                         f"{(len(images), *out_size)}")
+        raise ValueError(
+            f"video {video.name}: predict_fn returned {tuple(labels.shape)}, expected {(len(images), *out_size)}"
+        )
     # uint8 takes the metrics' fast path; ids 0..K-1 fit whenever K <= 255 (VSPW: 124).
     labels = labels.cpu().numpy().astype(np.uint8 if num_classes <= 255 else np.int64)
     stats = VideoStats(num_classes, vc_sizes, name=video.name)
@@ -349,8 +348,7 @@ def evaluate_model(
     records = []  # (video index, name, frames, {n: window ratios}) of this rank's videos
     mine = range(rank, len(videos), world)
     for i in tqdm(mine, desc="eval", disable=not progress, leave=False):
-        stats = _video_stats(predict_fn, videos[i], data_cfg, num_classes, vc_sizes,
-                             torch.device(device))
+        stats = _video_stats(predict_fn, videos[i], data_cfg, num_classes, vc_sizes, torch.device(device))
         confusion += stats.confusion
         ratios = {n: stats.window_ratios(n) for n in vc_sizes}
         records.append((i, stats.name, stats.num_frames, ratios))
@@ -369,9 +367,17 @@ def evaluate_model(
     return summarize(total, class_names)
 
 
-def evaluate_video_model(model: nn.Module, videos: Sequence[EvalVideo], data_cfg: DataConfig, num_classes: int,
-                         *, amp: str = "off", device: torch.device | str = "cpu",
-                         class_names: Sequence[str] | None = None, progress: bool = False) -> dict:
+def evaluate_video_model(
+    model: nn.Module,
+    videos: Sequence[EvalVideo],
+    data_cfg: DataConfig,
+    num_classes: int,
+    *,
+    amp: str = "off",
+    device: torch.device | str = "cpu",
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> dict:
     """``evaluate_model`` of a ``VideoModel`` by its stage's inference (``predict_video``); every
     rank predicts its share with the unwrapped model (never through the DDP wrapper)."""
     from vss.video_model import predict_video
@@ -379,8 +385,9 @@ def evaluate_video_model(model: nn.Module, videos: Sequence[EvalVideo], data_cfg
     def predict(frames: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         return predict_video(model, frames, out_size, autocast_dtype=AMP_DTYPES[amp])["labels"]
 
-    return evaluate_model(predict, videos, data_cfg, num_classes, device=device, class_names=class_names,
-                          progress=progress)
+    return evaluate_model(
+        predict, videos, data_cfg, num_classes, device=device, class_names=class_names, progress=progress
+    )
 
 
 def log_json(path: Path, record: dict) -> None:

@@ -17,16 +17,16 @@ evaluate.py needs only this module, so scoring predictions costs no torch import
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 import io
 import json
 import os
+from pathlib import Path
 import re
 import secrets
 import struct
-import zlib
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
+import zlib
 
 import cv2
 import numpy as np
@@ -251,8 +251,9 @@ def read_prediction_png(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim != 2:
-        raise ValueError(f"{path}: prediction has shape {arr.shape}; write class ids as a single-channel "
-                         "(grey or palette) PNG")
+        raise ValueError(
+            f"{path}: prediction has shape {arr.shape}; write class ids as a single-channel (grey or palette) PNG"
+        )
     return arr
 
 

@@ -101,22 +101,15 @@ def load_label_map(path: str | os.PathLike, num_classes: int | None = None) -> n
     missing = [k for k in _REQUIRED if k not in spec]
     unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL))
     if missing or unknown:
-        raise ValueError(
-            f"{path}: missing keys {missing}, unknown keys {unknown}; "
-            f"allowed: {_REQUIRED + _OPTIONAL}"
-        )
+        raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}; allowed: {_REQUIRED + _OPTIONAL}")
 
     k = spec["num_target_classes"]
     if not _is_int(k) or not 1 <= k <= 255:
         raise ValueError(f"{path}: num_target_classes must be an integer in 1..255, got {k!r}")
     if num_classes is not None and k != num_classes:
-        raise ValueError(
-            f"{path}: num_target_classes is {k} but the model has {num_classes} classes"
-        )
+        raise ValueError(f"{path}: num_target_classes is {k} but the model has {num_classes} classes")
     if spec.get("ignore", IGNORE) != IGNORE:
-        raise ValueError(
-            f"{path}: ignore must be {IGNORE} (the ignore label of vss), got {spec['ignore']!r}"
-        )
+        raise ValueError(f"{path}: ignore must be {IGNORE} (the ignore label of vss), got {spec['ignore']!r}")
     names = spec.get("target_names")
     if names is not None and (
         not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names)
@@ -138,15 +131,10 @@ def load_label_map(path: str | os.PathLike, num_classes: int | None = None) -> n
     for key, target in mapping.items():
         src = _source_id(path, "map", key)
         if src in seen:
-            raise ValueError(
-                f"{path}: map keys {seen[src]!r} and {key!r} name the same source id {src}"
-            )
+            raise ValueError(f"{path}: map keys {seen[src]!r} and {key!r} name the same source id {src}")
         seen[src] = key
         if not _is_int(target) or not (0 <= target < k or target == IGNORE):
-            raise ValueError(
-                f"{path}: map entry {key!r}: {target!r} is not a target id "
-                f"in 0..{k - 1} or {IGNORE}"
-            )
+            raise ValueError(f"{path}: map entry {key!r}: {target!r} is not a target id in 0..{k - 1} or {IGNORE}")
         lut[src] = target
     return lut
 
@@ -206,21 +194,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for folder in (images_path, labels_path):
             if not folder.is_dir():
                 raise FileNotFoundError(f"folder not found: {folder}")
-        images = {
-            p.stem: p
-            for p in images_path.iterdir()
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-        }
-        labels = sorted(
-            p for p in labels_path.iterdir() if p.suffix.lower() == ".png" and p.is_file()
-        )
+        images = {p.stem: p for p in images_path.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()}
+        labels = sorted(p for p in labels_path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
         if not labels:
             raise ValueError(f"no png label in {labels_path}")
         orphans = [p.name for p in labels if p.stem not in images]
         if orphans:
-            raise ValueError(
-                f"{labels_path}: labels without an image in {images_path}: {orphans[:5]}"
-            )
+            raise ValueError(f"{labels_path}: labels without an image in {images_path}: {orphans[:5]}")
         self.items = [(images[p.stem], p) for p in labels]
         self.length = int(length) if length is not None else len(self.items)
 
@@ -237,9 +217,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img = read_frame(image_path)  # (H,W,3)
         lab = remap(read_label_png(label_path), self.lut)  # (H,W)
         if lab.shape != img.shape[:2]:
-            raise ValueError(
-                f"{label_path} is {lab.shape} but its image {image_path} is {img.shape[:2]}"
-            )
+            raise ValueError(f"{label_path} is {lab.shape} but its image {image_path} is {img.shape[:2]}")
         tf = sample_clip_transform(rng, img.shape[:2], self.cfg, self.augment)
         x, y = apply_clip_transform(img[None], lab[None], tf, self.cfg)  # (1,3,H,W), (1,H,W)
         return {

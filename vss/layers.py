@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 
 def c2_xavier_fill(module: nn.Module) -> None:
@@ -145,9 +145,7 @@ class MultiHeadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.constant_(self.out_proj.bias, 0.0)
 
-    def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, blocked: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, blocked: Tensor | None = None) -> Tensor:
         """
         Args:
             query: (N, Lq, D); key, value: (N, Lk, D).
@@ -193,9 +191,7 @@ class SelfAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         xavier_fill_matrices(self)
 
-    def forward(
-        self, x: Tensor, query_pos: Tensor | None = None, blocked: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, query_pos: Tensor | None = None, blocked: Tensor | None = None) -> Tensor:
         """x (N, L, D), query_pos broadcastable to x, blocked as in `MultiHeadAttention`
         -> (N, L, D)."""
         q = k = _with_pos(x, query_pos)

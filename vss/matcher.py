@@ -3,8 +3,8 @@
 Paper: Mask2Former (Cheng et al., CVPR 2022) section 3.3 / 4 "Improving training efficiency":
 matching and mask losses are computed on K = 112 x 112 = 12544 sampled points instead of whole
 masks; PointRend (Kirillov et al., CVPR 2020) section 3.2 for the importance sampling of the loss
-points. DVIS++ (Zhang et al., 2023) section 3.2 / 3.3 (DVIS_Plus ``mask2former_video/modeling/matcher.py``, ``dvis_Plus/meta_architecture.py``)
-for the two video variants:
+points. DVIS++ (Zhang et al., 2023) section 3.2 / 3.3 (DVIS_Plus ``mask2former_video/modeling/matcher.py``,
+``dvis_Plus/meta_architecture.py``) for the two video variants:
 
 - first-appearance-consistent matching of the referring tracker
   (``HungarianMatcher.consistent_match``): every ground-truth object is matched once, at the first
@@ -26,9 +26,9 @@ Readings taken where the description leaves room:
 
 from __future__ import annotations
 
+from scipy.optimize import linear_sum_assignment
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 # Cost given to queries already taken by an earlier frame in consistent matching (DVIS++ uses 1e6).
 BLOCKED_COST = 1e6
@@ -46,8 +46,9 @@ def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         (N,C,P) sampled values (zeros padding outside [0, 1]).
     """
     if x.dim() != 4 or coords.dim() != 3 or coords.shape[-1] != 2:
-        raise ValueError(f"point_sample expects x (N,C,H,W) and coords (N,P,2); got "
-                         f"{tuple(x.shape)} and {tuple(coords.shape)}")
+        raise ValueError(
+            f"point_sample expects x (N,C,H,W) and coords (N,P,2); got {tuple(x.shape)} and {tuple(coords.shape)}"
+        )
     grid = 2.0 * coords[:, :, None, :] - 1.0  # (N,P,1,2) in [-1, 1]
     return F.grid_sample(x, grid.to(x.dtype), align_corners=False)[..., 0]  # (N,C,P)
 
@@ -97,8 +98,10 @@ def uncertain_point_coords(
         points of each row are the importance-sampled ones, the rest are uniform.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
-                         f"{oversample_ratio}, {importance_sample_ratio}")
+        raise ValueError(
+            f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, got "
+            f"{oversample_ratio}, {importance_sample_ratio}"
+        )
     num_masks, device = logits.shape[0], logits.device
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
@@ -201,8 +204,10 @@ class HungarianMatcher:
         )
 
     def __repr__(self) -> str:
-        return (f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
-                f"cost_dice={self.cost_dice}, num_points={self.num_points})")
+        return (
+            f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+            f"cost_dice={self.cost_dice}, num_points={self.num_points})"
+        )
 
     @torch.no_grad()
     def cost_matrix(
@@ -257,8 +262,7 @@ class HungarianMatcher:
     def _solve(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cost = cost.detach().cpu()
         if not torch.isfinite(cost).all():
-            raise ValueError("HungarianMatcher: the cost matrix has NaN/inf entries "
-                             "(non-finite prediction logits?)")
+            raise ValueError("HungarianMatcher: the cost matrix has NaN/inf entries (non-finite prediction logits?)")
         rows, cols = linear_sum_assignment(cost.numpy())  # rows come back sorted
         return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
@@ -298,8 +302,10 @@ class HungarianMatcher:
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"match_batch: {logits.shape[0]} predictions but {len(targets)} targets")
-        return [self.match(logits[i], masks[i], t["labels"], t["masks"], valid=t.get("valid"))
-                for i, t in enumerate(targets)]
+        return [
+            self.match(logits[i], masks[i], t["labels"], t["masks"], valid=t.get("valid"))
+            for i, t in enumerate(targets)
+        ]
 
     @torch.no_grad()
     def consistent_match(
@@ -338,9 +344,11 @@ class HungarianMatcher:
             appear = torch.ones(num_targets, num_frames, dtype=torch.bool)
         appear = appear.bool().cpu()
         if appear.shape != (num_targets, num_frames) or tgt_masks.shape[:2] != (num_targets, num_frames):
-            raise ValueError(f"consistent_match: expected appear ({num_targets},{num_frames}) and masks "
-                             f"({num_targets},{num_frames},H,W); got {tuple(appear.shape)}, "
-                             f"{tuple(tgt_masks.shape)}")
+            raise ValueError(
+                f"consistent_match: expected appear ({num_targets},{num_frames}) and masks "
+                f"({num_targets},{num_frames},H,W); got {tuple(appear.shape)}, "
+                f"{tuple(tgt_masks.shape)}"
+            )
         # 1. first frame of each target; T means "never appears"
         never = torch.full((num_targets,), num_frames)
         first = torch.where(appear.any(1), appear.int().argmax(1), never)  # (M,)
@@ -351,7 +359,9 @@ class HungarianMatcher:
         for t in sorted(set(first.tolist()) - {num_frames}):
             tgt_ids = torch.nonzero(first == t)[:, 0]  # (M_t,)
             cost = self.cost_matrix(
-                pred_logits[t], pred_masks[t], tgt_labels[tgt_ids.to(tgt_labels.device)],
+                pred_logits[t],
+                pred_masks[t],
+                tgt_labels[tgt_ids.to(tgt_labels.device)],
                 tgt_masks[tgt_ids.to(tgt_masks.device), t],
             ).cpu()  # (Q,M_t)
             cost[used] = BLOCKED_COST

@@ -42,25 +42,25 @@ into buffers allocated once per video.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
+import functools
 from typing import Iterable, Sequence
 
 import cv2  # saturating in-place add for the run lengths, fast counts
 import numpy as np
 
-__all__ = ["confusion_matrix", "VideoStats", "DatasetStats", "merge", "summarize",
-           "iou_from_confusion"]
+__all__ = ["confusion_matrix", "VideoStats", "DatasetStats", "merge", "summarize", "iou_from_confusion"]
 
 
 def _check_prediction(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: str) -> None:
     """Raise a ValueError naming ``name`` when pred is not an (H,W) id map matching gt."""
     if pred.ndim != 2:
-        raise ValueError(f"{name}: prediction must be a single-channel (H, W) map of class ids, "
-                         f"got shape {pred.shape}")
+        raise ValueError(f"{name}: prediction must be a single-channel (H, W) map of class ids, got shape {pred.shape}")
     if pred.shape != gt.shape:
-        raise ValueError(f"{name}: prediction is {pred.shape[0]}x{pred.shape[1]} (HxW) but the ground truth is "
-                         f"{gt.shape[0]}x{gt.shape[1]}")
+        raise ValueError(
+            f"{name}: prediction is {pred.shape[0]}x{pred.shape[1]} (HxW) but the ground truth is "
+            f"{gt.shape[0]}x{gt.shape[1]}"
+        )
     if pred.dtype.kind not in "ui" or gt.dtype.kind not in "ui":
         raise ValueError(f"{name}: labels must be integer arrays, got gt {gt.dtype}, prediction {pred.dtype}")
     if pred.size == 0:
@@ -72,8 +72,10 @@ def _check_prediction(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: 
     if bad.any():
         values = pred[bad]
         value = int(values.max() if values.max() >= num_classes else values.min())
-        raise ValueError(f"{name}: prediction holds class id {value} (outside 0..{num_classes - 1}) at "
-                         f"{int(bad.sum())} pixels with valid ground truth; write ids 0..{num_classes - 1}")
+        raise ValueError(
+            f"{name}: prediction holds class id {value} (outside 0..{num_classes - 1}) at "
+            f"{int(bad.sum())} pixels with valid ground truth; write ids 0..{num_classes - 1}"
+        )
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: str = "prediction") -> np.ndarray:
@@ -95,8 +97,9 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, name: s
     return _confusion_checked(gt, pred, num_classes).astype(np.int64)
 
 
-def _confusion_checked(gt: np.ndarray, pred: np.ndarray, num_classes: int,
-                       work: np.ndarray | None = None) -> np.ndarray:
+def _confusion_checked(
+    gt: np.ndarray, pred: np.ndarray, num_classes: int, work: np.ndarray | None = None
+) -> np.ndarray:
     """(K,K) counts (float64 or int64, exact integers) of checked labels; ``work`` as in
     ``_confusion_runs``."""
     if gt.dtype == np.uint8 and pred.dtype == np.uint8 and num_classes <= 255:
@@ -104,8 +107,7 @@ def _confusion_checked(gt: np.ndarray, pred: np.ndarray, num_classes: int,
     return _confusion_bincount(gt, pred, num_classes)
 
 
-def _confusion_runs(gt: np.ndarray, pred: np.ndarray, num_classes: int,
-                    work: np.ndarray | None = None) -> np.ndarray:
+def _confusion_runs(gt: np.ndarray, pred: np.ndarray, num_classes: int, work: np.ndarray | None = None) -> np.ndarray:
     """uint8 fast path. Label maps are piecewise constant, so each run of equal (gt, pred) pairs
     in raster order is counted once, weighted by its length: a few thousand bincount entries
     per frame instead of one per pixel. Noisy maps (many runs) go per pixel.
@@ -179,8 +181,9 @@ class VideoStats:
         window_const: {n: list of |G| per counted window}.
     """
 
-    def __init__(self, num_classes: int, vc_sizes: Sequence[int] = (8, 16), *, name: str = "",
-                 include_last_window: bool = False) -> None:
+    def __init__(
+        self, num_classes: int, vc_sizes: Sequence[int] = (8, 16), *, name: str = "", include_last_window: bool = False
+    ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if any(not 1 <= int(n) <= 65535 for n in vc_sizes):
@@ -240,8 +243,7 @@ class VideoStats:
         if self._prev_gt is None:
             self._alloc_frame_state(gt.shape)
         elif gt.shape != self._prev_gt.shape:
-            raise ValueError(f"{name}: frame size {gt.shape} differs from the previous frame's "
-                             f"{self._prev_gt.shape}")
+            raise ValueError(f"{name}: frame size {gt.shape} differs from the previous frame's {self._prev_gt.shape}")
         elif self.vc_sizes:
             # A frame after the window ending at the previous frame exists, so that window obeys
             # the official i <= T-n-1: count it before the run lengths move on.
@@ -354,8 +356,10 @@ class DatasetStats:
     def add(self, video: VideoStats) -> None:
         """Merge one finished video (videos may arrive one at a time from worker processes)."""
         if video.num_classes != self.num_classes or video.vc_sizes != self.vc_sizes:
-            raise ValueError(f"video {video.name!r}: K={video.num_classes}, VC sizes {video.vc_sizes} "
-                             f"do not match K={self.num_classes}, VC sizes {self.vc_sizes}")
+            raise ValueError(
+                f"video {video.name!r}: K={video.num_classes}, VC sizes {video.vc_sizes} "
+                f"do not match K={self.num_classes}, VC sizes {self.vc_sizes}"
+            )
         video.finish()
         self.add_windows(video.name, video.num_frames, {n: video.window_ratios(n) for n in self.vc_sizes})
         self.confusion += video.confusion

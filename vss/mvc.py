@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -134,8 +134,11 @@ def batch_norm_statistics_kept(module: nn.Module | None) -> Iterator[None]:
     statistics of the batch they see but leave their running statistics (and
     ``num_batches_tracked``) untouched: ``track_running_stats`` is off for the block. Frozen BN and
     eval-mode BN are not affected."""
-    layers = [m for m in (module.modules() if module is not None else ())
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    layers = [
+        m
+        for m in (module.modules() if module is not None else ())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     for m in layers:
         m.track_running_stats = False
     try:

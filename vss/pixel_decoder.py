@@ -28,11 +28,11 @@ Readings taken:
 from __future__ import annotations
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
-from vss.deform_attn import MSDeformAttn, encoder_reference_points
-from vss.layers import Conv2dNorm, c2_xavier_fill, sine_position_embedding, xavier_fill_matrices
+from vss.deform_attn import encoder_reference_points, MSDeformAttn
+from vss.layers import c2_xavier_fill, Conv2dNorm, sine_position_embedding, xavier_fill_matrices
 
 ENCODER_FEATURES = ("res5", "res4", "res3")  # deepest first, the order of the encoder levels
 FPN_FEATURE = "res2"
@@ -43,9 +43,7 @@ class DeformableEncoderLayer(nn.Module):
 
     def __init__(self, *, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
-        self.self_attn = MSDeformAttn(
-            d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points
-        )
+        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
@@ -79,9 +77,7 @@ class DeformableEncoder(nn.Module):
         super().__init__()
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(
-                d_model=d_model, d_ffn=d_ffn, n_levels=n_levels, n_heads=n_heads, n_points=n_points
-            )
+            DeformableEncoderLayer(d_model=d_model, d_ffn=d_ffn, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
             for _ in range(num_layers)
         )
         # Deformable DETR: xavier on every matrix, then MSDeformAttn's own init, normal level embed
@@ -98,8 +94,7 @@ class DeformableEncoder(nn.Module):
         tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], dim=1)  # (N, S, D)
         # position encoding + level embedding, (1, S, D): the same for every image
         pos = [
-            sine_position_embedding(h, w, d // 2, device=tokens.device).flatten(1).t()
-            + self.level_embed[lvl]
+            sine_position_embedding(h, w, d // 2, device=tokens.device).flatten(1).t() + self.level_embed[lvl]
             for lvl, (h, w) in enumerate(shapes)
         ]
         pos = torch.cat(pos)[None]  # (1, S, D)
@@ -140,16 +135,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         super().__init__()
         missing = {FPN_FEATURE, *ENCODER_FEATURES} - set(in_channels)
         if missing:
-            raise ValueError(
-                f"pixel decoder needs backbone features {sorted(missing)}, "
-                f"got {sorted(in_channels)}"
-            )
+            raise ValueError(f"pixel decoder needs backbone features {sorted(missing)}, got {sorted(in_channels)}")
         if conv_dim % 32:
             raise ValueError(f"conv_dim {conv_dim} must be a multiple of 32 (GroupNorm(32))")
         self.input_proj = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(in_channels[name], conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim)
-            )
+            nn.Sequential(nn.Conv2d(in_channels[name], conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
             for name in ENCODER_FEATURES
         )
         for proj in self.input_proj:
@@ -194,17 +184,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """
         with torch.autocast(device_type=features[FPN_FEATURE].device.type, enabled=False):
             # 1. project res5, res4, res3; 2. deformable encoder (position encodings added inside)
-            srcs = [
-                proj(features[name].float())
-                for proj, name in zip(self.input_proj, ENCODER_FEATURES)
-            ]
+            srcs = [proj(features[name].float()) for proj, name in zip(self.input_proj, ENCODER_FEATURES)]
             # [(N, D, H/32, W/32), (N, D, H/16, W/16), (N, D, H/8, W/8)]
             multi_scale = self.transformer(srcs)
             # 3. FPN level at stride 4
             lateral = self.adapter_1(features[FPN_FEATURE].float())  # (N, D, h, w)
-            up = F.interpolate(
-                multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
-            )
+            up = F.interpolate(multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             fpn = self.layer_1(lateral + up)  # (N, D, h, w)
             # 4. per-pixel embeddings
             mask_features = self.mask_features(fpn)  # (N, mask_dim, h, w)

@@ -34,9 +34,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn, Tensor
 
-from vss.layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from vss.layers import CrossAttentionLayer, FFNLayer, MLP, SelfAttentionLayer
 
 if TYPE_CHECKING:
     from vss.config import Config
@@ -105,8 +105,10 @@ class TemporalRefiner(nn.Module):
             list of (B,T,Q,C) un-normed block outputs, last = final.
         """
         if instance_embeds.dim() != 4 or frame_embeds.shape[:2] != instance_embeds.shape[:2]:
-            raise ValueError(f"refiner expects (B,T,Q,C) embeddings of one clip size, got "
-                             f"{tuple(instance_embeds.shape)} and {tuple(frame_embeds.shape)}")
+            raise ValueError(
+                f"refiner expects (B,T,Q,C) embeddings of one clip size, got "
+                f"{tuple(instance_embeds.shape)} and {tuple(frame_embeds.shape)}"
+            )
         b, t, q, c = instance_embeds.shape
         memory = frame_embeds.flatten(0, 1)  # (B*T,Q_f,C) keys/values of each frame
         x = instance_embeds

@@ -22,19 +22,19 @@ exact resume and of rank-count-independent training.
 
 from __future__ import annotations
 
-import signal
 from functools import partial
 from itertools import count
 from pathlib import Path
+import signal
 
 import numpy as np
 import torch
 
 from vss.config import Config
-from vss.data import VSPWDataset, collate_clips
+from vss.data import collate_clips, VSPWDataset
 from vss.io import IGNORE
 from vss.label_remap import ImageFolderDataset
-from vss.semi_stage import PseudoLabelClips, collate_pseudo
+from vss.semi_stage import collate_pseudo, PseudoLabelClips
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -66,8 +66,13 @@ def extra_clip(dataset: ImageFolderDataset, first: int, num_frames: int, rng: np
         h, w = it["frames"].shape[-2:]
         frames[t, :, :h, :w] = it["frames"][0]
         labels[t, :h, :w] = it["labels"][0]
-    return {"frames": frames, "labels": labels, "video": f"{dataset.root.name}/{items[0]['video']}",
-            "frame_names": [it["video"] for it in items], "frame_idx": idx}
+    return {
+        "frames": frames,
+        "labels": labels,
+        "video": f"{dataset.root.name}/{items[0]['video']}",
+        "frame_names": [it["video"] for it in items],
+        "frame_idx": idx,
+    }
 
 
 class PositionedClips(torch.utils.data.Dataset):
@@ -75,8 +80,15 @@ class PositionedClips(torch.utils.data.Dataset):
     image "clip"), and in the semi stage {"labelled": ..., "unlabelled": the pseudo-labelled
     clip at g}; a pure function of (seed, g) (see the module docstring)."""
 
-    def __init__(self, dataset: VSPWDataset, seed: int, *, extras: list = (),
-                 extra_ratio: float | None = None, unlabelled: PseudoLabelClips | None = None):
+    def __init__(
+        self,
+        dataset: VSPWDataset,
+        seed: int,
+        *,
+        extras: list = (),
+        extra_ratio: float | None = None,
+        unlabelled: PseudoLabelClips | None = None,
+    ):
         self.dataset, self.seed = dataset, seed
         self.extras, self.extra_ratio, self.unlabelled = list(extras), extra_ratio, unlabelled
 
@@ -122,8 +134,10 @@ class PositionedClips(torch.utils.data.Dataset):
 def collate_positioned(items: list[dict], size_divisibility: int) -> dict:
     if "labelled" not in items[0]:
         return collate_clips(items, size_divisibility)
-    return {"labelled": collate_clips([it["labelled"] for it in items], size_divisibility),
-            "unlabelled": collate_pseudo([it["unlabelled"] for it in items], size_divisibility)}
+    return {
+        "labelled": collate_clips([it["labelled"] for it in items], size_divisibility),
+        "unlabelled": collate_pseudo([it["unlabelled"] for it in items], size_divisibility),
+    }
 
 
 class RankPositions(torch.utils.data.Sampler):
@@ -144,17 +158,32 @@ def build_dataset(root: Path, cfg: Config) -> PositionedClips:
     clips), from ``cfg.train``, ``cfg.stage`` and ``cfg.semi``."""
     stage = cfg.stage
     clips = {"frame_range": stage.frame_range, "crop": stage.crop, "crop_range": stage.crop_range}
-    dataset = VSPWDataset(root, cfg.train.split, num_frames=stage.frames, cfg=cfg.data, num_classes=cfg.model.num_classes,
-                          reverse_prob=stage.reverse_prob, **clips)
+    dataset = VSPWDataset(
+        root,
+        cfg.train.split,
+        num_frames=stage.frames,
+        cfg=cfg.data,
+        num_classes=cfg.model.num_classes,
+        reverse_prob=stage.reverse_prob,
+        **clips,
+    )
     extras = [open_extra(spec, cfg) for spec in cfg.train.extra]
     unlabelled = None
     if cfg.train.stage == "semi":
         if cfg.semi.pseudo is None:
             raise ValueError("the semi stage needs the pseudo-label folder (--pseudo DIR)")
-        unlabelled = PseudoLabelClips(cfg.semi.unlabeled_data or root, cfg.semi.unlabeled_split, cfg.semi.pseudo,
-                                      num_frames=stage.frames, cfg=cfg.data, num_classes=cfg.model.num_classes, **clips)
-    return PositionedClips(dataset, cfg.train.seed, extras=extras, extra_ratio=cfg.train.extra_ratio,
-                           unlabelled=unlabelled)
+        unlabelled = PseudoLabelClips(
+            cfg.semi.unlabeled_data or root,
+            cfg.semi.unlabeled_split,
+            cfg.semi.pseudo,
+            num_frames=stage.frames,
+            cfg=cfg.data,
+            num_classes=cfg.model.num_classes,
+            **clips,
+        )
+    return PositionedClips(
+        dataset, cfg.train.seed, extras=extras, extra_ratio=cfg.train.extra_ratio, unlabelled=unlabelled
+    )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -164,12 +193,26 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_loader(root: Path, cfg: Config, *, rank: int, world_size: int, accum: int, start_step: int,
-                 workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def build_loader(
+    root: Path,
+    cfg: Config,
+    *,
+    rank: int,
+    world_size: int,
+    accum: int,
+    start_step: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """This rank's micro-batches from ``start_step`` on (see ``RankPositions``)."""
     per_rank = accum * cfg.optim.batch
     sampler = RankPositions(start_step, per_rank * world_size, rank * per_rank, per_rank)
     return torch.utils.data.DataLoader(
-        build_dataset(root, cfg), batch_size=cfg.optim.batch, sampler=sampler, num_workers=workers,
-        pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals,
-        collate_fn=partial(collate_positioned, size_divisibility=cfg.data.size_divisibility))
+        build_dataset(root, cfg),
+        batch_size=cfg.optim.batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_ignore_stop_signals,
+        collate_fn=partial(collate_positioned, size_divisibility=cfg.data.size_divisibility),
+    )

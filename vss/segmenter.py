@@ -29,15 +29,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from vss.layers import (
-    MLP,
+    c2_xavier_fill,
     CrossAttentionLayer,
     FFNLayer,
+    MLP,
     SelfAttentionLayer,
-    c2_xavier_fill,
     sine_position_embedding,
 )
 from vss.pixel_decoder import MSDeformAttnPixelDecoder
@@ -107,9 +107,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.transformer_cross_attention_layers = nn.ModuleList(
             CrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
         )
-        self.transformer_ffn_layers = nn.ModuleList(
-            FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers)
-        )
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable content
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable position
@@ -128,9 +126,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for layer in self.reid_embed.layers:
             c2_xavier_fill(layer)
 
-    def forward_prediction_heads(
-        self, queries: Tensor, mask_features: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward_prediction_heads(self, queries: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
         """Class and mask heads on the normed queries.
 
         Args:
@@ -212,9 +208,7 @@ class Segmenter(nn.Module):
         transformer_decoder: `MultiScaleMaskedTransformerDecoder`.
     """
 
-    def __init__(
-        self, backbone: nn.Module, pixel_decoder: nn.Module, transformer_decoder: nn.Module
-    ):
+    def __init__(self, backbone: nn.Module, pixel_decoder: nn.Module, transformer_decoder: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder

@@ -49,14 +49,14 @@ code; the memory banks live on the CPU, as the code.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from vss.distributed import all_gather_cat, get_world_size
 
@@ -128,9 +128,7 @@ def pseudo_label_targets(labels: Tensor, entropy: Tensor, percent: float) -> Ten
 
 
 @torch.no_grad()
-def ensemble_pseudo_labels(
-    probs: Iterable[Tensor], weights: Optional[Sequence[float]] = None
-) -> tuple[Tensor, Tensor]:
+def ensemble_pseudo_labels(probs: Iterable[Tensor], weights: Optional[Sequence[float]] = None) -> tuple[Tensor, Tensor]:
     """Offline pseudo labels from an ensemble (PVUW sec. 2.4: teacher + student, each already
     averaged over its TTA views): weighted mean of the class distributions, argmax, entropy.
 
@@ -662,9 +660,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
     for t, s in zip(t_params, s_params):
         if t.shape != s.shape:
-            raise ValueError(
-                f"parameter shape mismatch: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
-            )
+            raise ValueError(f"parameter shape mismatch: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
         t.copy_(decay * t + (1 - decay) * s)
 
 

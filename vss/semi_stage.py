@@ -60,16 +60,34 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from vss.config import DataConfig
-from vss.data import (apply_clip_transform, clip_targets, ClipTransform, collate_clips, per_frame_targets, sample_clip_indices, sample_clip_transform)
+from vss.data import (
+    apply_clip_transform,
+    clip_targets,
+    ClipTransform,
+    collate_clips,
+    per_frame_targets,
+    sample_clip_indices,
+    sample_clip_transform,
+)
 from vss.io import check_label_range, IGNORE, list_frames, read_frame, read_label_png, read_split
-from vss.semi import (ContrastiveConfig, MemoryBank, RepresentationHead, compute_contra_memobank_loss,
-                      contrastive_inputs, drop_percent, ema_decay, ema_update, generate_cutmix, pseudo_label_targets,
-                      unreliable_alpha)
 from vss.segmenter import semantic_inference
+from vss.semi import (
+    compute_contra_memobank_loss,
+    contrastive_inputs,
+    ContrastiveConfig,
+    drop_percent,
+    ema_decay,
+    ema_update,
+    generate_cutmix,
+    MemoryBank,
+    pseudo_label_targets,
+    RepresentationHead,
+    unreliable_alpha,
+)
 
 REP_DIM = 256  # U2PL representation size (decoder.py `representation`: 256 channels)
 
@@ -132,9 +150,19 @@ class PseudoLabelClips(torch.utils.data.Dataset):
     (T,H,W) float32 (0 on padding), "video", "frame_names", "frame_idx"}.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, pseudo_dir: str | os.PathLike, *,
-                 num_frames: int, cfg: DataConfig, num_classes: int, frame_range: int = 0, crop: str = "fixed",
-                 crop_range: tuple[int, int] = (600, 720)):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        pseudo_dir: str | os.PathLike,
+        *,
+        num_frames: int,
+        cfg: DataConfig,
+        num_classes: int,
+        frame_range: int = 0,
+        crop: str = "fixed",
+        crop_range: tuple[int, int] = (600, 720),
+    ):
         """
         Args:
             root: VSPW-layout root holding the unlabelled videos.
@@ -149,8 +177,10 @@ class PseudoLabelClips(torch.utils.data.Dataset):
         self.root, self.pseudo_dir = Path(root), Path(pseudo_dir)
         self.num_frames, self.cfg, self.num_classes = int(num_frames), cfg, int(num_classes)
         if not self.pseudo_dir.is_dir():
-            raise FileNotFoundError(f"pseudo-label folder not found: {self.pseudo_dir} (write it with "
-                                    "infer.py --ensemble A B --tta --tta-merge mean --save-probs)")
+            raise FileNotFoundError(
+                f"pseudo-label folder not found: {self.pseudo_dir} (write it with "
+                "infer.py --ensemble A B --tta --tta-merge mean --save-probs)"
+            )
         self.videos: list[tuple[str, list[Path], list[Path], list[Path]]] = []
         for name in read_split(self.root, split):
             frames = list_frames(self.root / "data" / name, "origin")
@@ -161,7 +191,8 @@ class PseudoLabelClips(torch.utils.data.Dataset):
             if missing:
                 raise FileNotFoundError(
                     f"{len(missing)} pseudo-label files of video {name} are missing, e.g. {missing[0]} "
-                    f"(run infer.py --save-probs on split {split!r} of {self.root} into {self.pseudo_dir})")
+                    f"(run infer.py --save-probs on split {split!r} of {self.root} into {self.pseudo_dir})"
+                )
             self.videos.append((name, frames, labels, entropy))
 
     def __len__(self) -> int:
@@ -202,8 +233,7 @@ class PseudoLabelClips(torch.utils.data.Dataset):
 def collate_pseudo(items: list[dict], size_divisibility: int = 32) -> dict:
     """``vss.data.collate_clips`` of pseudo-labelled clips plus ``entropy`` (B,T,H,W) float32,
     padded with 0 (padding pixels have label 255 and never enter the percentiles)."""
-    batch = collate_clips([{k: v for k, v in item.items() if k != "entropy"} for item in items],
-                          size_divisibility)
+    batch = collate_clips([{k: v for k, v in item.items() if k != "entropy"} for item in items], size_divisibility)
     entropy = torch.zeros(batch["labels"].shape)  # (B,T,H,W)
     for i, item in enumerate(items):
         h, w = item["entropy"].shape[-2:]
@@ -300,6 +330,7 @@ def _pad_to(x: Tensor, height: int, width: int, value: float) -> Tensor:
 
 def _take(outputs: dict, sl: slice) -> dict:
     """The images ``sl`` of a segmenter output (final and auxiliary predictions)."""
+
     def part(out: dict) -> dict:
         return {"pred_logits": out["pred_logits"][sl], "pred_masks": out["pred_masks"][sl]}
 
@@ -339,11 +370,22 @@ class SemiLoss(nn.Module):
             from L_u's mask losses and matching (U2PL); False: background for every mask.
     """
 
-    def __init__(self, criterion: nn.Module, student: SemiStudent, num_classes: int, *,
-                 unsup_weight: float = 1.0, contrastive_weight: float = 0.1, drop_base: float = 80.0,
-                 alpha_base: float = 20.0, ema_max_decay: float = 0.99, queue_size: int = 30000,
-                 contrastive: ContrastiveConfig | None = None, ignore_unreliable: bool = True,
-                 cutmix: bool = False):
+    def __init__(
+        self,
+        criterion: nn.Module,
+        student: SemiStudent,
+        num_classes: int,
+        *,
+        unsup_weight: float = 1.0,
+        contrastive_weight: float = 0.1,
+        drop_base: float = 80.0,
+        alpha_base: float = 20.0,
+        ema_max_decay: float = 0.99,
+        queue_size: int = 30000,
+        contrastive: ContrastiveConfig | None = None,
+        ignore_unreliable: bool = True,
+        cutmix: bool = False,
+    ):
         super().__init__()
         self.ignore_unreliable, self.cutmix = ignore_unreliable, cutmix
         self.criterion = criterion
@@ -397,18 +439,36 @@ class SemiLoss(nn.Module):
         # L_u: reliable pseudo labels as set-loss targets
         flat_u, flat_e = labels_u.flatten(0, 1), entropy_u.flatten(0, 1)  # (Nu,H,W)
         reliable = pseudo_label_targets(flat_u, flat_e, drop_percent(progress, self.drop_base))  # (Nu,H,W)
-        unsup = self.criterion(_take(out, slice(n_l, None)),
-                               _frame_targets(reliable.view_as(labels_u), self.ignore_unreliable))
+        unsup = self.criterion(
+            _take(out, slice(n_l, None)), _frame_targets(reliable.view_as(labels_u), self.ignore_unreliable)
+        )
         losses.update({f"unsup_{k}": self.unsup_weight * v for k, v in unsup.items()})
         # L_c: anchors / prototypes from reliable pixels, negatives from unreliable ones
         prob_t, rep_t = self.teacher(images)  # (N,K,h,w), (N,256,h,w)
         rep = out["rep"].float()  # (N,256,h,w)
-        masks = contrastive_inputs(labels_l.flatten(0, 1), flat_u, flat_e, unreliable_alpha(progress, self.alpha_base),
-                                   tuple(rep.shape[-2:]), self.num_classes, official_onehot=False)
+        masks = contrastive_inputs(
+            labels_l.flatten(0, 1),
+            flat_u,
+            flat_e,
+            unreliable_alpha(progress, self.alpha_base),
+            tuple(rep.shape[-2:]),
+            self.num_classes,
+            official_onehot=False,
+        )
         contra, _ = compute_contra_memobank_loss(
-            rep, masks["label_l"], masks["label_u"], prob_t[:n_l], prob_t[n_l:], masks["low_mask"],
-            masks["high_mask"], self.contrastive, self.memory_bank, rep_t,
-            official_pairing=False, paper_negatives=True)
+            rep,
+            masks["label_l"],
+            masks["label_u"],
+            prob_t[:n_l],
+            prob_t[n_l:],
+            masks["low_mask"],
+            masks["high_mask"],
+            self.contrastive,
+            self.memory_bank,
+            rep_t,
+            official_pairing=False,
+            paper_negatives=True,
+        )
         losses["loss_contra"] = self.contrastive_weight * contra
         return losses
 
@@ -421,4 +481,3 @@ def progress(step: int, iters: int) -> float:
 def bank_fill(loss: SemiLoss) -> int:
     """Rows held by all class queues of the memory bank."""
     return int(sum(loss.memory_bank.lengths()))
-

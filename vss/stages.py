@@ -24,14 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn, Tensor
 
 from vss.config import Config
 from vss.criterion import SetCriterion
 from vss.matcher import HungarianMatcher
 from vss.mvc import mvc_settings
-from vss.semi_stage import SemiLoss, SemiStudent, progress
-from vss.video_model import VideoModel, build_video_model, video_loss
+from vss.semi_stage import progress, SemiLoss, SemiStudent
+from vss.video_model import build_video_model, video_loss, VideoModel
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,18 @@ def _build_semi(cfg: Config, model_stage: str) -> tuple[nn.Module, nn.Module]:
     criterion, EMA teacher, memory bank). Call ``teacher.copy_from`` after loading the student."""
     student = SemiStudent(build_video_model(cfg, model_stage), cfg.model.mask_dim)
     s = cfg.semi
-    loss = SemiLoss(set_criterion(cfg), student, cfg.model.num_classes, unsup_weight=s.unsup_weight,
-                    contrastive_weight=s.contrastive_weight, drop_base=s.drop_percent, alpha_base=s.entropy_alpha,
-                    ema_max_decay=s.ema_decay, queue_size=s.bank_size, cutmix=s.cutmix)
+    loss = SemiLoss(
+        set_criterion(cfg),
+        student,
+        cfg.model.num_classes,
+        unsup_weight=s.unsup_weight,
+        contrastive_weight=s.contrastive_weight,
+        drop_base=s.drop_percent,
+        alpha_base=s.entropy_alpha,
+        ema_max_decay=s.ema_decay,
+        queue_size=s.bank_size,
+        cutmix=s.cutmix,
+    )
     return student, loss
 
 
@@ -118,9 +127,12 @@ def _semi_loss(model: nn.Module, criterion: nn.Module, batch: dict, step: int, c
     return criterion(model, batch["labelled"], batch["unlabelled"], progress(step, cfg.optim.iters))
 
 
-STAGES = {s.name: s for s in (
-    Stage("segmenter", trains="segmenter", needs=None, build=_build_segmenter, loss=_video_loss),
-    Stage("tracker", trains="tracker", needs="a segmenter", build=_build_video, loss=_video_loss),
-    Stage("refiner", trains="refiner", needs="a tracker", build=_build_video, loss=_video_loss),
-    Stage("semi", trains="segmenter", needs="a student (any stage)", build=_build_semi, loss=_semi_loss),
-)}
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("segmenter", trains="segmenter", needs=None, build=_build_segmenter, loss=_video_loss),
+        Stage("tracker", trains="tracker", needs="a segmenter", build=_build_video, loss=_video_loss),
+        Stage("refiner", trains="refiner", needs="a tracker", build=_build_video, loss=_video_loss),
+        Stage("semi", trains="segmenter", needs="a student (any stage)", build=_build_semi, loss=_semi_loss),
+    )
+}

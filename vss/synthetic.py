@@ -30,14 +30,14 @@ CLI: ``python -m vss.synthetic --out DIR [--videos N --frames MIN MAX --height H
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import json
 import os
+from pathlib import Path
 import secrets
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import cv2
@@ -109,8 +109,10 @@ class _Scene:
         self.cls = {n: i for i, n in enumerate(names)}
         # per-video colour variation: everything a little warmer/cooler, brighter/darker
         tint = rng.uniform(-18, 18, 3)
-        self.colour = {name: np.clip(np.array(c, np.float32) + tint + rng.uniform(-15, 15, 3), 0, 255)
-                       for name, _, c in CLASS_TEMPLATES}
+        self.colour = {
+            name: np.clip(np.array(c, np.float32) + tint + rng.uniform(-15, 15, 3), 0, 255)
+            for name, _, c in CLASS_TEMPLATES
+        }
         # camera path (top-left corner of the view in world coordinates)
         s = max(height, width) / 160
         vx, vy = rng.uniform(-3, 3) * s, rng.uniform(-0.6, 0.6) * s
@@ -133,8 +135,11 @@ class _Scene:
         label = np.full((H, W), -2, np.int32)  # -2: unset
         img = np.zeros((H, W, 3), np.float32)
         ground = self.cls.get("grass", 1 if self.k > 1 else 0)
-        horizon = (self.margin + self.h * rng.uniform(0.3, 0.5)
-                   + self.h * 0.06 * np.sin(xx[0] / (W * rng.uniform(0.2, 0.5)) * 2 * np.pi + rng.uniform(0, 6.3)))
+        horizon = (
+            self.margin
+            + self.h * rng.uniform(0.3, 0.5)
+            + self.h * 0.06 * np.sin(xx[0] / (W * rng.uniform(0.2, 0.5)) * 2 * np.pi + rng.uniform(0, 6.3))
+        )
         above = yy < horizon[None, :]
         sky = self.cls.get("sky", 0)
         label[above] = sky
@@ -213,11 +218,21 @@ class _Scene:
             low, high = (0.05, 0.35) if kind == "bird" else (0.35, 0.9)  # birds fly, the rest stand
             y = cy0 + rng.uniform(low, high) * self.h
             colour = self.colour.get(kind, np.array(OTHERS_COLOUR, np.float32)) + rng.uniform(-20, 20, 3)
-            self.objects.append(_Object(
-                kind=kind, cls=self.cls.get(kind, -1), colour=np.clip(colour, 0, 255), x=x, y=y, vx=vx,
-                vy=rng.uniform(-0.4, 0.4) * speed, size=size, growth=rng.uniform(-0.02, 0.03),
-                bob=rng.uniform(0, 2) * s if kind in ("person", "ball", "bird") else 0.0,
-                phase=rng.uniform(0, 6.3)))
+            self.objects.append(
+                _Object(
+                    kind=kind,
+                    cls=self.cls.get(kind, -1),
+                    colour=np.clip(colour, 0, 255),
+                    x=x,
+                    y=y,
+                    vx=vx,
+                    vy=rng.uniform(-0.4, 0.4) * speed,
+                    size=size,
+                    growth=rng.uniform(-0.02, 0.03),
+                    bob=rng.uniform(0, 2) * s if kind in ("person", "ball", "bird") else 0.0,
+                    phase=rng.uniform(0, 6.3),
+                )
+            )
         self.void_edges = bool(rng.random() < 0.5)
 
     def _object_shape(self, o: _Object, t: int, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -238,13 +253,13 @@ class _Scene:
             bottom = cy + 0.93 * r
         elif o.kind == "person":
             body = (dx / (0.45 * r)) ** 2 + ((dy - 0.3 * r) / (1.1 * r)) ** 2 < 1
-            head = dx ** 2 + (dy + 1.15 * r) ** 2 < (0.38 * r) ** 2
+            head = dx**2 + (dy + 1.15 * r) ** 2 < (0.38 * r) ** 2
             mask = body | head
             checker = ((np.floor(dx / 3) + np.floor(dy / 3)) % 2) * 40 - 20
             tex = np.where(head[..., None], np.array([10.0, -20, -40]), checker[..., None])
             bottom = cy + 1.4 * r
         elif o.kind == "ball":
-            mask = dx ** 2 + dy ** 2 < r ** 2
+            mask = dx**2 + dy**2 < r**2
             ang = np.arctan2(dy, dx) + 0.6 * t  # the ball rolls
             tex = (np.sign(np.sin(4 * ang)) * 35)[..., None]
             bottom = cy + r
@@ -262,7 +277,7 @@ class _Scene:
         else:  # others: an irregular blob
             ang = np.arctan2(dy, dx)
             rad = r * (1 + 0.3 * np.sin(3 * ang + o.phase + 0.3 * t))
-            mask = dx ** 2 + dy ** 2 < rad ** 2
+            mask = dx**2 + dy**2 < rad**2
             tex = (np.sin(dx * 0.8) * np.sin(dy * 0.8) * 30)[..., None]
             bottom = cy + r
         return mask, np.broadcast_to(tex, mask.shape + (3,)), bottom
@@ -385,15 +400,19 @@ def render_dataset(
                 length = int(rng.integers(fmin, fmax + 1))
                 first = int(rng.integers(0, 100))
                 name = f"{i:03d}_synth_{split}"
-                images, masks = render_video([seed, i], frames=length, height=height, width=width,
-                                             num_classes=num_classes)
+                images, masks = render_video(
+                    [seed, i], frames=length, height=height, width=width, num_classes=num_classes
+                )
                 vdir = tmp / "data" / name
                 (vdir / "origin").mkdir(parents=True)
                 (vdir / "mask").mkdir()
                 for j, (im, m) in enumerate(zip(images, masks)):
                     stem = f"{first + j:05d}"
-                    cv2.imwrite(str(vdir / "origin" / f"{stem}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
-                                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+                    cv2.imwrite(
+                        str(vdir / "origin" / f"{stem}.jpg"),
+                        cv2.cvtColor(im, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY],
+                    )
                     cv2.imwrite(str(vdir / "mask" / f"{stem}.png"), m)
                 names.append(name)
                 i += 1
@@ -403,8 +422,15 @@ def render_dataset(
             "classes": [c[0] for c in CLASS_TEMPLATES[:num_classes]],
             "palette": class_palette(num_classes).tolist(),
             "encoding": "mask value 0 = others (ignored), k+1 = classes[k], 255 = void (ignored)",
-            "generator": {"module": "vss.synthetic", "seed": seed, "num_videos": num_videos,
-                          "frames": [fmin, fmax], "height": height, "width": width, "splits": counts},
+            "generator": {
+                "module": "vss.synthetic",
+                "seed": seed,
+                "num_videos": num_videos,
+                "frames": [fmin, fmax],
+                "height": height,
+                "width": width,
+                "splits": counts,
+            },
         }
         (tmp / "classes.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if root.exists():
@@ -450,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vss.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {default_root()})")
     p.add_argument("--videos", type=int, default=DEFAULTS["num_videos"], help="total number of videos")
-    p.add_argument("--frames", type=int, nargs="+", default=list(DEFAULTS["frames"]),
-                   help="frames per video: N, or MIN MAX")
+    p.add_argument(
+        "--frames", type=int, nargs="+", default=list(DEFAULTS["frames"]), help="frames per video: N, or MIN MAX"
+    )
     p.add_argument("--height", type=int, default=DEFAULTS["height"])
     p.add_argument("--width", type=int, default=DEFAULTS["width"])
     p.add_argument("--classes", type=int, default=DEFAULTS["num_classes"], help=f"2..{MAX_CLASSES}")
@@ -466,9 +493,16 @@ def main(argv: list[str] | None = None) -> int:
     frames = a.frames[0] if len(a.frames) == 1 else (a.frames[0], a.frames[1])
     t0 = time.time()
     try:
-        render_dataset(out, num_videos=a.videos, frames=frames, height=a.height, width=a.width,
-                       num_classes=a.classes, seed=a.seed,
-                       splits={"train": 1 - a.val_fraction, "val": a.val_fraction})
+        render_dataset(
+            out,
+            num_videos=a.videos,
+            frames=frames,
+            height=a.height,
+            width=a.width,
+            num_classes=a.classes,
+            seed=a.seed,
+            splits={"train": 1 - a.val_fraction, "val": a.val_fraction},
+        )
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

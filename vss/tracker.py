@@ -46,12 +46,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+import torch
+from torch import nn, Tensor
 
-from vss.layers import (MLP, FFNLayer, MultiHeadAttention, SelfAttentionLayer, c2_xavier_fill,
-                        xavier_fill_matrices)
+from vss.layers import c2_xavier_fill, FFNLayer, MLP, MultiHeadAttention, SelfAttentionLayer, xavier_fill_matrices
 
 if TYPE_CHECKING:
     from vss.config import Config
@@ -262,8 +261,10 @@ class ReferringTracker(nn.Module):
             each slot was initialised from (alignment or noise).
         """
         if frame_embeds.shape != frame_embeds_no_norm.shape or frame_embeds.dim() != 4:
-            raise ValueError(f"tracker expects two (B,T,Q,C) embeddings of one shape, got "
-                             f"{tuple(frame_embeds.shape)} and {tuple(frame_embeds_no_norm.shape)}")
+            raise ValueError(
+                f"tracker expects two (B,T,Q,C) embeddings of one shape, got "
+                f"{tuple(frame_embeds.shape)} and {tuple(frame_embeds_no_norm.shape)}"
+            )
         if all_layers is None:
             all_layers = self.training
         b, num_frames, q, _ = frame_embeds.shape
@@ -288,8 +289,7 @@ class ReferringTracker(nn.Module):
         out["indices"] = torch.stack(indices, dim=1)  # (B,T,Q)
         return out, state
 
-    def _predictions(self, hidden: Tensor, refs: Tensor, mask_features: Tensor | None,
-                     all_layers: bool) -> dict:
+    def _predictions(self, hidden: Tensor, refs: Tensor, mask_features: Tensor | None, all_layers: bool) -> dict:
         """The heads on every kept layer (hidden (L,B,T,Q,C), refs (B,T,Q,C)): the output dict
         of ``forward`` without ``indices``."""
         logits = self.predict_logits(hidden, refs[None])  # (L,B,T,Q,K+1)

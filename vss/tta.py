@@ -29,8 +29,8 @@ Readings of what the papers leave open:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -109,16 +109,12 @@ def vote(labels: torch.Tensor, priority: Sequence[int]) -> torch.Tensor:
     """
     num_views = labels.shape[0]
     if len(priority) != num_views or sorted(priority) != list(range(num_views)):
-        raise ValueError(
-            f"vote: priority must be a permutation of 0..{num_views - 1}, got {list(priority)}"
-        )
+        raise ValueError(f"vote: priority must be a permutation of 0..{num_views - 1}, got {list(priority)}")
     agree = torch.zeros(labels.shape, dtype=torch.int32, device=labels.device)  # (V,...)
     for u in range(num_views):
         agree += labels == labels[u]
     # counts are <= V, so count * V + (V - 1 - rank) orders by count first, priority second.
-    bonus = torch.tensor(
-        [num_views - 1 - p for p in priority], dtype=torch.int32, device=labels.device
-    )
+    bonus = torch.tensor([num_views - 1 - p for p in priority], dtype=torch.int32, device=labels.device)
     score = agree * num_views + bonus.view(-1, *([1] * (labels.dim() - 1)))  # (V,...)
     winner = score.argmax(dim=0, keepdim=True)  # (1,...)
     return labels.gather(0, winner).squeeze(0).long()  # (...)
@@ -141,11 +137,7 @@ def _predict_view(predict_fn: PredictFn, x: torch.Tensor, view: View, num_classe
         x = x.flip(-1)
     with torch.no_grad():
         probs = predict_fn(x)  # (T,K,h',w')
-    if (
-        not isinstance(probs, torch.Tensor)
-        or probs.dim() != 4
-        or probs.shape[:2] != (t, num_classes)
-    ):
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or probs.shape[:2] != (t, num_classes):
         shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
         raise ValueError(
             f"run_tta: predict_fn returned {shape} for view {view} (input {tuple(x.shape)}); "
@@ -208,10 +200,9 @@ def run_tta(
 
         def make_view(scale: float) -> torch.Tensor:
             return _scaled(tensor, scale, size_divisibility)
+
     if num_classes < 1 or chunk_frames < 1:
-        raise ValueError(
-            f"run_tta: num_classes ({num_classes}) and chunk_frames ({chunk_frames}) must be >= 1"
-        )
+        raise ValueError(f"run_tta: num_classes ({num_classes}) and chunk_frames ({chunk_frames}) must be >= 1")
     views = tta_views(scales, flip)
     height, width = out_size if out_size is not None else frames.shape[-2:]
     label_dtype = torch.uint8 if num_classes <= 256 else torch.int16

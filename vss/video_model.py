@@ -62,16 +62,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, TYPE_CHECKING
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from vss.criterion import reid_contrastive_loss
 from vss.ctvis import ctvis_loss, frame_slots
 from vss.data import per_frame_targets
-from vss.matcher import HungarianMatcher, flatten_clip_masks
+from vss.matcher import flatten_clip_masks, HungarianMatcher
 from vss.mvc import mvc_loss
 
 if TYPE_CHECKING:
@@ -106,8 +106,9 @@ class ClassMemory:
     def get(self, cls: int) -> Tensor | None:
         return self.items.get(cls)
 
-    def views_then_push(self, embeds: Tensor, targets: list[dict], assignments: list["Assignment"]
-                        ) -> list[dict[int, Tensor]]:
+    def views_then_push(
+        self, embeds: Tensor, targets: list[dict], assignments: list["Assignment"]
+    ) -> list[dict[int, Tensor]]:
         """For each clip of a batch in order: the memory as that clip may read it (earlier videos
         only), then the clip's matched embeddings pushed. Remembered as ``last_views``.
 
@@ -138,7 +139,7 @@ class ClassMemory:
         for cls, stored in self.items.items():
             if stored.shape[0] > self.max_len:
                 order = torch.randperm(stored.shape[0]).to(stored.device)
-                self.items[cls] = stored[order][-self.max_len:]
+                self.items[cls] = stored[order][-self.max_len :]
 
 
 class VideoModel(nn.Module):
@@ -246,8 +247,9 @@ class VideoModel(nn.Module):
             masks = seg["pred_masks"].gather(2, index[..., None, None].expand_as(seg["pred_masks"]))
             return {"tracker": track, "segmenter": {"pred_logits": logits, "pred_masks": masks}}
         with torch.no_grad():
-            track, _ = self.tracker(seg["pred_embds"], seg["pred_embds_without_norm"], seg["mask_features"],
-                                    all_layers=False)
+            track, _ = self.tracker(
+                seg["pred_embds"], seg["pred_embds_without_norm"], seg["mask_features"], all_layers=False
+            )
         refined = self.refiner(track["pred_embds"], seg["pred_embds_without_norm"], seg["mask_features"])
         return {"refiner": refined, "tracker": track}
 
@@ -264,7 +266,10 @@ def build_video_model(cfg: "Config", stage: str) -> VideoModel:
     tracker = build_tracker(cfg) if stage in ("tracker", "refiner") else None
     refiner = build_refiner(cfg) if stage == "refiner" else None
     return VideoModel(
-        build_segmenter(cfg), tracker, refiner, stage,
+        build_segmenter(cfg),
+        tracker,
+        refiner,
+        stage,
         window_size=cfg.model.window_size,
         size_divisibility=cfg.data.size_divisibility,
         reid_weight=cfg.loss.reid_weight,
@@ -313,8 +318,9 @@ def _output_layers(outputs: dict) -> list[tuple[str, dict]]:
     return [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
 
 
-def _losses_with_indices(criterion: nn.Module, layers: list[tuple[str, dict]], targets: list[dict],
-                         indices: list[list[Assignment]]) -> dict[str, Tensor]:
+def _losses_with_indices(
+    criterion: nn.Module, layers: list[tuple[str, dict]], targets: list[dict], indices: list[list[Assignment]]
+) -> dict[str, Tensor]:
     """The criterion on each layer with its own precomputed matching; keys get the layer suffix."""
     losses = {}
     for (suffix, out), layer_indices in zip(layers, indices):
@@ -368,8 +374,9 @@ def tracker_reid_loss(references: Tensor, assignments: list[Assignment]) -> Tens
     return reid_contrastive_loss(torch.cat(anchors), torch.cat(positives), torch.cat(negatives))
 
 
-def refiner_reid_loss(embeds: Tensor, assignments: list[Assignment], targets: list[dict],
-                      memory_views: list[dict[int, Tensor]] | None) -> Tensor:
+def refiner_reid_loss(
+    embeds: Tensor, assignments: list[Assignment], targets: list[dict], memory_views: list[dict[int, Tensor]] | None
+) -> Tensor:
     """DVIS++ ``get_cl_loss_with_memory``.
 
     For each clip, frame t and matched slot k (target class c): anchor = e[t, k], positives =
@@ -408,9 +415,16 @@ def refiner_reid_loss(embeds: Tensor, assignments: list[Assignment], targets: li
                 continue
             stored = stored.to(e.device)
             track = e[:, k]  # (T,C)
-            parts.append((reid_contrastive_loss(
-                track, track[None].expand(num_frames, -1, -1), stored[None].expand(num_frames, -1, -1),
-            ), num_frames))
+            parts.append(
+                (
+                    reid_contrastive_loss(
+                        track,
+                        track[None].expand(num_frames, -1, -1),
+                        stored[None].expand(num_frames, -1, -1),
+                    ),
+                    num_frames,
+                )
+            )
     return _combine_means(parts, embeds)
 
 
@@ -419,8 +433,9 @@ def _frame_major(x: Tensor) -> Tensor:
     return x.flatten(0, 1)
 
 
-def tracker_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, guided: bool,
-                 reid_weight: float) -> dict[str, Tensor]:
+def tracker_loss(
+    outputs: dict, targets: list[dict], criterion: nn.Module, *, guided: bool, reid_weight: float
+) -> dict[str, Tensor]:
     """Stage-2 losses (see the module docstring).
 
     Args:
@@ -441,16 +456,20 @@ def tracker_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
     matcher = criterion.matcher
 
     def clip_assignments(out: dict) -> list[Assignment]:
-        return [matcher.consistent_match(out["pred_logits"][i], out["pred_masks"][i], tg["labels"], tg["masks"])
-                for i, tg in enumerate(targets)]
+        return [
+            matcher.consistent_match(out["pred_logits"][i], out["pred_masks"][i], tg["labels"], tg["masks"])
+            for i, tg in enumerate(targets)
+        ]
 
     layers = _output_layers(track)
     if guided:
         per_layer = [clip_assignments(outputs["segmenter"])] * len(layers)
     else:
         per_layer = [clip_assignments(out) for _, out in layers]
-    flat_layers = [(s, {"pred_logits": _frame_major(o["pred_logits"]), "pred_masks": _frame_major(o["pred_masks"])})
-                   for s, o in layers]
+    flat_layers = [
+        (s, {"pred_logits": _frame_major(o["pred_logits"]), "pred_masks": _frame_major(o["pred_masks"])})
+        for s, o in layers
+    ]
     per_image = [[a[i] for i in range(b) for _ in range(num_frames)] for a in per_layer]
     losses = _losses_with_indices(criterion, flat_layers, frame_targets, per_image)
     losses["loss_reid"] = reid_weight * tracker_reid_loss(track["pred_references"], per_layer[0])
@@ -463,8 +482,9 @@ def video_level_criterion(criterion: nn.Module, num_frames: int) -> nn.Module:
     video = copy.copy(criterion)
     video.num_points = criterion.num_points * num_frames
     m = criterion.matcher
-    video.matcher = HungarianMatcher(cost_class=m.cost_class, cost_mask=m.cost_mask, cost_dice=m.cost_dice,
-                                     num_points=m.num_points * num_frames)
+    video.matcher = HungarianMatcher(
+        cost_class=m.cost_class, cost_mask=m.cost_mask, cost_dice=m.cost_dice, num_points=m.num_points * num_frames
+    )
     return video
 
 
@@ -473,8 +493,16 @@ def _as_video_image(out: dict) -> dict:
     return {"pred_logits": out["pred_logits"][:, 0], "pred_masks": out["pred_masks"].transpose(1, 2).flatten(2, 3)}
 
 
-def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, guided: bool,
-                 reid_weight: float, memory: ClassMemory | None, masked: bool = False) -> dict[str, Tensor]:
+def refiner_loss(
+    outputs: dict,
+    targets: list[dict],
+    criterion: nn.Module,
+    *,
+    guided: bool,
+    reid_weight: float,
+    memory: ClassMemory | None,
+    masked: bool = False,
+) -> dict[str, Tensor]:
     """Stage-3 losses (see the module docstring).
 
     Args:
@@ -515,8 +543,9 @@ def refiner_loss(outputs: dict, targets: list[dict], criterion: nn.Module, *, gu
     return losses
 
 
-def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module,
-                   ctvis_weights: tuple[float, float] | None = None) -> dict[str, Tensor]:
+def segmenter_loss(
+    outputs: dict, targets: list[dict], criterion: nn.Module, ctvis_weights: tuple[float, float] | None = None
+) -> dict[str, Tensor]:
     """Stage-1 losses: every frame an image, its targets the classes present in it; with
     ``ctvis_weights`` also CTVIS's contrastive loss of the reid embeddings across the clip's frames
     (``loss_reid``, ``loss_aux_reid``; each frame matched on its own, as CTVIS's image matcher).
@@ -533,8 +562,9 @@ def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module,
     if ctvis_weights is not None:
         final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
         assignments = criterion.matcher.match_batch(final, frame_targets)
-        slots = frame_slots(assignments, [tg["labels"] for tg in frame_targets], [tg["labels"] for tg in targets],
-                            num_frames).to(outputs["pred_logits"].device)
+        slots = frame_slots(
+            assignments, [tg["labels"] for tg in frame_targets], [tg["labels"] for tg in targets], num_frames
+        ).to(outputs["pred_logits"].device)
         width = outputs["pred_embds"].shape[-1] // 2
         reid = outputs["pred_embds"][..., width:].unflatten(0, (len(targets), num_frames))  # (B,T,Q,D)
         loss_reid, loss_aux = ctvis_loss(reid, slots)
@@ -544,18 +574,22 @@ def segmenter_loss(outputs: dict, targets: list[dict], criterion: nn.Module,
 
 
 # The loss of each stage given ``VideoModel.forward``'s outputs: (core, outputs, targets, criterion,
-# guided, masked: the MVC masked pass) -> weighted terms. A stage is named after the module it trains (``vss/stages.py``).
+# guided, masked: the MVC masked pass) -> weighted terms. A stage is named after the module it
+# trains (``vss/stages.py``).
 STAGE_LOSSES = {
     "segmenter": lambda core, out, tgts, crit, guided, masked: segmenter_loss(out, tgts, crit, core.ctvis_weights),
     "tracker": lambda core, out, tgts, crit, guided, masked: tracker_loss(
-        out, tgts, crit, guided=guided, reid_weight=core.reid_weight),
+        out, tgts, crit, guided=guided, reid_weight=core.reid_weight
+    ),
     "refiner": lambda core, out, tgts, crit, guided, masked: refiner_loss(
-        out, tgts, crit, guided=guided, reid_weight=core.reid_weight, memory=core.class_memory, masked=masked),
+        out, tgts, crit, guided=guided, reid_weight=core.reid_weight, memory=core.class_memory, masked=masked
+    ),
 }
 
 
-def video_loss(model: nn.Module, batch: dict, criterion: nn.Module, *, guided: bool = False,
-               mvc: dict | None = None) -> dict[str, Tensor]:
+def video_loss(
+    model: nn.Module, batch: dict, criterion: nn.Module, *, guided: bool = False, mvc: dict | None = None
+) -> dict[str, Tensor]:
     """Weighted loss terms of one batch for the model's stage (sum them for the total).
 
     Args:
@@ -601,8 +635,14 @@ def _segmenter_mask_features(segmenter: nn.Module, images: Tensor) -> Tensor:
     return segmenter(images)["mask_features"]
 
 
-def _frame_scores(class_probs: Tensor, mask_logits: Tensor, padded: tuple[int, int], valid: tuple[int, int],
-                  out_size: tuple[int, int], sigmoid_first: bool) -> Tensor:
+def _frame_scores(
+    class_probs: Tensor,
+    mask_logits: Tensor,
+    padded: tuple[int, int],
+    valid: tuple[int, int],
+    out_size: tuple[int, int],
+    sigmoid_first: bool,
+) -> Tensor:
     """VSS merge of one frame: sum_q p_q(k) * sigmoid(mask_q) at the output size.
 
     Args:
@@ -636,8 +676,14 @@ class _PaddedVideo:
         autocast_dtype: run the networks under autocast with this dtype (None: off).
     """
 
-    def __init__(self, frames: Tensor, window: int, size_divisibility: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        frames: Tensor,
+        window: int,
+        size_divisibility: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ):
         self.frames, self.device, self.autocast_dtype = frames, device, autocast_dtype
         num_frames, _, height, width = frames.shape
         div = max(1, size_divisibility)
@@ -656,8 +702,7 @@ class _PaddedVideo:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _per_frame_queries(core: VideoModel, video: _PaddedVideo
-                       ) -> Iterator[tuple[int, Tensor, Tensor]]:
+def _per_frame_queries(core: VideoModel, video: _PaddedVideo) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Stage 1: every frame on its own. Yields (t, class probabilities (Q,K), mask logits
     (Q,h,w))."""
     for s, e in video.windows:
@@ -682,9 +727,9 @@ def _video_level_classes(core: VideoModel, video: _PaddedVideo) -> tuple[Tensor,
     for s, e in video.windows:
         with video.autocast():
             out = core.segmenter(video.load(s, e))
-            track, state = core.tracker(out["pred_embds"][None],
-                                        out["pred_embds_without_norm"][None], None, state,
-                                        all_layers=False)
+            track, state = core.tracker(
+                out["pred_embds"][None], out["pred_embds_without_norm"][None], None, state, all_layers=False
+            )
         online.append(track["pred_logits"][0].float())  # (w,Q,K+1)
         tracked.append(track["pred_embds"][0])  # (w,Q,C)
         if core.stage == "refiner":
@@ -694,6 +739,7 @@ def _video_level_classes(core: VideoModel, video: _PaddedVideo) -> tuple[Tensor,
     tracked = torch.cat(tracked)[None]  # (1,T,Q,C)
 
     if core.stage == "tracker":
+
         def tracker_masks(s: int, e: int, feats: Tensor) -> Tensor:
             return core.tracker.predict_masks(tracked[:, s:e], feats[None])[0]
 
@@ -752,8 +798,9 @@ def predict_video(
     if num_frames == 0:
         raise ValueError("predict_video got a video without frames")
     out_size = (int(out_size[0]), int(out_size[1]))
-    video = _PaddedVideo(frames, window_size or core.window_size, core.size_divisibility,
-                         next(core.parameters()).device, autocast_dtype)
+    video = _PaddedVideo(
+        frames, window_size or core.window_size, core.size_divisibility, next(core.parameters()).device, autocast_dtype
+    )
     labels = torch.empty((num_frames, *out_size), dtype=torch.int64)
     probs = None
     was_training = core.training
@@ -762,8 +809,9 @@ def predict_video(
         per_frame = core.stage == "segmenter"
         queries = _per_frame_queries(core, video) if per_frame else _video_queries(core, video)
         for t, class_probs, mask_logits in queries:
-            scores = _frame_scores(class_probs, mask_logits, video.padded, video.valid, out_size,
-                                   sigmoid_first=not per_frame)  # (K,H0,W0)
+            scores = _frame_scores(
+                class_probs, mask_logits, video.padded, video.valid, out_size, sigmoid_first=not per_frame
+            )  # (K,H0,W0)
             labels[t] = scores.argmax(0).cpu()
             if return_probs:
                 if probs is None:

@@ -41,10 +41,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn, Tensor
 import torch.nn.functional as F
-from torch import Tensor, nn
 
-from vss.deform_attn import MSDeformAttn, encoder_reference_points
+from vss.deform_attn import encoder_reference_points, MSDeformAttn
 
 LEVELS = ("res2", "res3", "res4", "res5")
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -65,8 +65,11 @@ class SpatialPriorModule(nn.Module):
     def __init__(self, inplanes: int, embed_dim: int):
         super().__init__()
         self.stem = nn.Sequential(
-            *conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
-            *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            *conv_bn_relu(3, inplanes, 2),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
         self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
         self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
         self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
@@ -96,8 +99,9 @@ class DWConv(nn.Module):
     def forward(self, x: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
         """x (N,S,C) with S = sum h*w over ``sizes`` -> (N,S,C)."""
         parts = x.split([h * w for h, w in sizes], dim=1)
-        out = [self.dwconv(p.transpose(1, 2).unflatten(2, hw)).flatten(2).transpose(1, 2)
-               for p, hw in zip(parts, sizes)]  # each (N,h*w,C)
+        out = [
+            self.dwconv(p.transpose(1, 2).unflatten(2, hw)).flatten(2).transpose(1, 2) for p, hw in zip(parts, sizes)
+        ]  # each (N,h*w,C)
         return torch.cat(out, dim=1)
 
 
@@ -134,8 +138,14 @@ class Extractor(nn.Module):
         self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
         self.ffn_norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, query: Tensor, reference_points: Tensor, feat: Tensor, feat_size: tuple[int, int],
-                query_sizes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        feat: Tensor,
+        feat_size: tuple[int, int],
+        query_sizes: list[tuple[int, int]],
+    ) -> Tensor:
         """
         Args:
             query: (N,S,D) spatial tokens of the levels ``query_sizes`` (strides 8/16/32).
@@ -158,11 +168,16 @@ class InteractionBlock(nn.Module):
         self.extractor = Extractor(dim, num_heads, n_points, cffn_ratio)
         self.extra_extractors = None
         if extra_extractor:
-            self.extra_extractors = nn.Sequential(*(Extractor(dim, num_heads, n_points, cffn_ratio)
-                                                    for _ in range(2)))
+            self.extra_extractors = nn.Sequential(*(Extractor(dim, num_heads, n_points, cffn_ratio) for _ in range(2)))
 
-    def forward(self, c: Tensor, reference_points: Tensor, x: Tensor, feat_size: tuple[int, int],
-                query_sizes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self,
+        c: Tensor,
+        reference_points: Tensor,
+        x: Tensor,
+        feat_size: tuple[int, int],
+        query_sizes: list[tuple[int, int]],
+    ) -> Tensor:
         c = self.extractor(c, reference_points, x, feat_size, query_sizes)
         for extractor in self.extra_extractors or []:
             c = extractor(c, reference_points, x, feat_size, query_sizes)
@@ -193,17 +208,28 @@ class ViTAdapter(nn.Module):
         freeze_vit: the ViT gets no gradient and runs under ``no_grad`` (DVIS++ ``FREEZE_VIT``).
     """
 
-    def __init__(self, vit: nn.Module, *, conv_inplane: int = 64, n_points: int = 4,
-                 num_heads: int | None = None, cffn_ratio: float = 0.25, freeze_vit: bool = True):
+    def __init__(
+        self,
+        vit: nn.Module,
+        *,
+        conv_inplane: int = 64,
+        n_points: int = 4,
+        num_heads: int | None = None,
+        cffn_ratio: float = 0.25,
+        freeze_vit: bool = True,
+    ):
         super().__init__()
         dim = vit.embed_dim
         heads = num_heads or vit.blocks[0].attn.num_heads
         self.indexes = interaction_indexes(len(vit.blocks))
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         self.spm = SpatialPriorModule(conv_inplane, dim)
-        self.interactions = nn.Sequential(*(
-            InteractionBlock(dim, heads, n_points, cffn_ratio, extra_extractor=i == len(self.indexes) - 1)
-            for i in range(len(self.indexes))))
+        self.interactions = nn.Sequential(
+            *(
+                InteractionBlock(dim, heads, n_points, cffn_ratio, extra_extractor=i == len(self.indexes) - 1)
+                for i in range(len(self.indexes))
+            )
+        )
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(dim) for _ in range(4))
         for part in (self.up, self.spm, self.interactions):
@@ -247,20 +273,23 @@ class ViTAdapter(nn.Module):
         maps = []
         for (first, last), interaction in zip(self.indexes, self.interactions):
             with torch.set_grad_enabled(vit_grad):
-                for blk in self.vit.blocks[first: last + 1]:
+                for blk in self.vit.blocks[first : last + 1]:
                     tokens = blk(tokens)
             patches = tokens[:, 1:]  # (N,L,D)
             c = interaction(c, reference_points, patches, grid, sizes)
             maps.append(patches.transpose(1, 2).reshape(n, -1, *grid))  # (N,D,H/16,W/16)
 
         # 3. tokens back to maps; stride 4 = up(c2) + c1; plus the resized ViT maps; batch norms
-        c2, c3, c4 = (t.transpose(1, 2).reshape(n, -1, h, w)
-                      for t, (h, w) in zip(c.split([h * w for h, w in sizes], dim=1), sizes))
+        c2, c3, c4 = (
+            t.transpose(1, 2).reshape(n, -1, h, w)
+            for t, (h, w) in zip(c.split([h * w for h, w in sizes], dim=1), sizes)
+        )
         c1 = self.up(c2) + c1
         resize = [4, 2, 1, 0.5]
         outs = {}
-        for name, feat, vit_map, scale, norm in zip(LEVELS, (c1, c2, c3, c4), maps, resize,
-                                                    (self.norm1, self.norm2, self.norm3, self.norm4)):
+        for name, feat, vit_map, scale, norm in zip(
+            LEVELS, (c1, c2, c3, c4), maps, resize, (self.norm1, self.norm2, self.norm3, self.norm4)
+        ):
             if scale != 1:
                 vit_map = F.interpolate(vit_map, scale_factor=scale, mode="bilinear", align_corners=False)
             out = norm(feat + vit_map)  # (N,D,Hp/s,Wp/s)

@@ -44,17 +44,17 @@ frame); pass ``--vlm-groups FILE`` for other datasets.
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 import functools
 import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 import re
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
+import warnings
 
 import cv2
 import numpy as np
@@ -112,30 +112,15 @@ def load_groups(
         raise ValueError(f"{path}: expected a JSON list of groups")
     groups, seen = [], {}
     for i, entry in enumerate(data):
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("name"), str)
-            and isinstance(entry.get("stuff"), str)
-        )
+        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("stuff"), str)
         classes = entry.get("classes") if isinstance(entry, dict) else None
-        if (
-            not ok
-            or not isinstance(classes, list)
-            or len(classes) < 2
-            or not all(isinstance(c, str) for c in classes)
-        ):
-            raise ValueError(
-                f"{path}: group {i} must be {{'name': str, 'stuff': str, 'classes': [>= 2 names]}}"
-            )
+        if not ok or not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path}: group {i} must be {{'name': str, 'stuff': str, 'classes': [>= 2 names]}}")
         for c in classes:
             if class_names is not None and c not in class_names:
-                raise ValueError(
-                    f"{path}: class {c!r} of group {entry['name']!r} is not a class of this dataset"
-                )
+                raise ValueError(f"{path}: class {c!r} of group {entry['name']!r} is not a class of this dataset")
             if c in seen:
-                raise ValueError(
-                    f"{path}: class {c!r} is in groups {seen[c]!r} and {entry['name']!r}"
-                )
+                raise ValueError(f"{path}: class {c!r} is in groups {seen[c]!r} and {entry['name']!r}")
             seen[c] = entry["name"]
         groups.append(AmbiguityGroup(entry["name"], entry["stuff"], tuple(classes)))
     return groups
@@ -186,9 +171,7 @@ def parse_answer(answer: str, classes: Sequence[str]) -> str | None:
     return mentioned[0] if len(mentioned) == 1 else None
 
 
-def make_client(
-    base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0
-) -> openai.OpenAI:
+def make_client(base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> openai.OpenAI:
     """An OpenAI-compatible client.
 
     Args:
@@ -208,9 +191,7 @@ def make_client(
     key = api_key or os.environ.get("OPENAI_API_KEY")
     if not key:
         if base_url is None:
-            raise ValueError(
-                "VLM: no API key; set OPENAI_API_KEY, or pass the base URL of a local server"
-            )
+            raise ValueError("VLM: no API key; set OPENAI_API_KEY, or pass the base URL of a local server")
         key = "EMPTY"
     return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
 
@@ -258,9 +239,7 @@ def _read_cache(path: Path) -> str | None:
         answer = json.loads(path.read_text(encoding="utf-8"))["answer"]
         return answer if isinstance(answer, str) else None
     except (json.JSONDecodeError, KeyError, TypeError, OSError):
-        warnings.warn(
-            f"VLM cache file {path} is unreadable; asking again", RuntimeWarning, stacklevel=3
-        )
+        warnings.warn(f"VLM cache file {path} is unreadable; asking again", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -269,9 +248,7 @@ def _write_cache(path: Path, record: dict) -> None:
         json.dump(record, f, indent=1)
 
 
-def _ask(
-    client: openai.OpenAI, model: str, content: list, timeout: float, retries: int, backoff: float
-) -> str:
+def _ask(client: openai.OpenAI, model: str, content: list, timeout: float, retries: int, backoff: float) -> str:
     """One chat completion with retries; returns the reply text or raises the last error."""
     client = client.with_options(max_retries=0)
     for attempt in range(retries + 1):
@@ -291,9 +268,7 @@ def _ask(
                 raise
             delay = backoff * 2**attempt
             name = type(err).__name__
-            logger.info(
-                "VLM request failed (%s); retry %d/%d in %.1f s", name, attempt + 1, retries, delay
-            )
+            logger.info("VLM request failed (%s); retry %d/%d in %.1f s", name, attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -363,8 +338,7 @@ def correct_video(
     frame_hw = np.asarray(frames_rgb[0]).shape[:2] if len(frames_rgb) else None
     if labels.ndim != 3 or len(frames_rgb) != labels.shape[0] or frame_hw != labels.shape[1:]:
         raise ValueError(
-            f"VLM ({video_name}): labels {labels.shape} must be (T,H,W) for {len(frames_rgb)} "
-            f"frames of {frame_hw}"
+            f"VLM ({video_name}): labels {labels.shape} must be (T,H,W) for {len(frames_rgb)} frames of {frame_hw}"
         )
     if frames_per_query < 1:
         raise ValueError(f"VLM: frames_per_query must be >= 1, got {frames_per_query}")
@@ -375,9 +349,7 @@ def correct_video(
     for group in groups:
         missing = [c for c in group.classes if c not in class_index]
         if missing:
-            raise ValueError(
-                f"VLM: classes {missing} of group {group.name!r} are not in the dataset"
-            )
+            raise ValueError(f"VLM: classes {missing} of group {group.name!r} are not in the dataset")
         ids = [class_index[c] for c in group.classes]
         present = [c for c, i in zip(group.classes, ids) if (labels == i).any()]
         if not present:
@@ -455,7 +427,5 @@ def correct_video(
         entry["choice"] = choice
         entry["status"] = "unchanged" if present == [choice] else "relabelled"
         new[region] = class_index[choice]
-        logger.info(
-            "VLM (%s, %s): %s -> %s (%d px)", video_name, group.name, present, choice, pixels
-        )
+        logger.info("VLM (%s, %s): %s -> %s (%d px)", video_name, group.name, present, choice, pixels)
     return new, report

@@ -60,6 +60,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
         self.seeds = tuple(range(args.seeds))
+        self.video_seeds = tuple(range(args.video_seeds or args.seeds))
         self.out.mkdir(parents=True, exist_ok=True)
 
     def train(self, name: str, *argv: str, env: dict = ONE_THREAD) -> Path:
@@ -197,12 +198,13 @@ def base(b: Bench) -> Path:
 
 
 def chains(b: Bench, base_ckpt: Path) -> dict:
-    """Stage-1 fine-tune, tracker and refiner with and without MVC, for every seed."""
+    """Stage-1 fine-tune, tracker and refiner with and without MVC, for every seed (the video stages
+    for the first ``--video-seeds``)."""
     runs = {}
     for stage, recipe in (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER)):
         jobs = []
         for mvc in (False, True):
-            for seed in b.seeds:
+            for seed in b.seeds if stage == "ft" else b.video_seeds:
                 name = f"mvc/{stage}_{'mvc' if mvc else 'plain'}_s{seed}"
                 init = base_ckpt if stage == "ft" else runs[("ft" if stage == "trk" else "trk", mvc, seed)]
                 flags = [*recipe, "--init", str(init), "--seed", str(seed)] + (["--mvc"] if mvc else [])
@@ -228,12 +230,13 @@ def mvc_table(b: Bench) -> dict:
         ]
     )
     for stage, label in (("ft", "segmenter"), ("trk", "+ tracker (online)"), ("ref", "+ refiner (offline)")):
+        seeds = b.seeds if stage == "ft" else b.video_seeds
         for mvc in (False, True):
             scores = [
                 b.score(f"{stage}_{'mvc' if mvc else 'plain'}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)]))
-                for s in b.seeds
+                for s in seeds
             ]
-            info = [run_info(runs[(stage, mvc, s)].parent) for s in b.seeds]
+            info = [run_info(runs[(stage, mvc, s)].parent) for s in seeds]
             data[f"{stage}_{'mvc' if mvc else 'plain'}"] = {"scores": scores, "runs": info}
             rows.append(
                 [
@@ -250,6 +253,8 @@ def mvc_table(b: Bench) -> dict:
 def tta_table(b: Bench) -> None:
     runs = chains(b, base(b))
     views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
+    if b.args.tta_views:
+        views = {name: views[name] for name in b.args.tta_views.split(",")}
     rows, data = [], {}
     for mvc in (True, False)[: 2 if b.args.tta_both else 1]:
         ckpt = str(runs[("ref", mvc, 0)])
@@ -272,16 +277,16 @@ def tta_table(b: Bench) -> None:
 def aggregate_table(b: Bench) -> None:
     runs = chains(b, base(b))
     rows, data = [], {}
-    for seed in b.seeds:
+    for seed in b.video_seeds:
         pair = [str(runs[("ref", True, seed)]), str(runs[("ref", False, seed)])]
         r = b.score(f"aggregate_s{seed}", "--aggregate", *pair)
         choice = json.loads((b.out / "pred" / f"aggregate_s{seed}" / "report.json").read_text())["videos"]
         picked_mvc = sum(pair[0] in v["aggregation"]["choice"] for v in choice.values())
         data[f"s{seed}"] = {**r, "videos_mvc": picked_mvc, "videos": len(choice)}
     for name, key in (("MVC offline alone", "ref_mvc"), ("plain offline alone", "ref_plain")):
-        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in b.seeds]
+        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in b.video_seeds]
         rows.append([name, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
-    agg = [data[f"s{s}"] for s in b.seeds]
+    agg = [data[f"s{s}"] for s in b.video_seeds]
     rows.append(
         [
             "per-video choice by flow-SSIM",
@@ -358,7 +363,15 @@ def semi_table(b: Bench) -> None:
     row(f"student + {SEMI_FT[1]} supervised steps (ablation)", "semi_supervised", "--checkpoint", str(supervised))
     row(f"student + {SEMI_FT[1]} semi steps (U2PL)", "semi_u2pl", "--checkpoint", str(semi))
     row("student + semi, TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
-    row("teacher + (student + semi), TTA mean", "semi_ensemble_tta", "--ensemble", str(teacher), str(semi), *PSEUDO_TTA)
+    if b.args.semi_ensemble:  # 16 model passes per frame
+        row(
+            "teacher + (student + semi), TTA mean",
+            "semi_ensemble_tta",
+            "--ensemble",
+            str(teacher),
+            str(semi),
+            *PSEUDO_TTA,
+        )
     data["runs"] = {
         "base": run_info(student.parent),
         "teacher": run_info(teacher.parent),
@@ -455,8 +468,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "camvid")
     p.add_argument("--base", type=Path, help="an existing stage-1 checkpoint as the base (default: train one)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ablation row (default 3)")
+    p.add_argument("--video-seeds", type=int, help="seeds of the tracker/refiner rows (default: --seeds)")
+    p.add_argument("--tta-views", help="tta: comma-separated row names of TTA_VIEWS to run (default all)")
     p.add_argument("--teacher", type=Path, help="semi: an existing teacher checkpoint (default: train one)")
     p.add_argument("--tta-both", action="store_true", help="tta: the non-MVC final model too")
+    p.add_argument("--semi-ensemble", action="store_true", help="semi: also the teacher + semi student ensemble")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each (default 2)")
     p.add_argument(
         "--ctvis",

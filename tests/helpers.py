@@ -31,3 +31,23 @@ def write_ddp_train_wrapper(path: Path) -> Path:
     """Write the per-rank-checkpoint train.py wrapper to `path` and return it."""
     path.write_text(_DDP_TRAIN_WRAPPER.format(repo=str(REPO), train=str(REPO / "train.py")))
     return path
+
+
+def train_args(setup: dict, out, *extra) -> list[str]:
+    """train.py arguments of a quick test run: the setup's config and data, OUT, no workers, a log
+    line every step, no validation, then EXTRA."""
+    return [
+        "--config",
+        str(setup["config"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        *map(str, extra),
+    ]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and infer.py are scripts at the repository root
 
-from helpers import script_main, write_ddp_train_wrapper  # noqa: E402
+from helpers import script_main, train_args, write_ddp_train_wrapper  # noqa: E402
 
 import evaluate  # noqa: E402
 import infer  # noqa: E402
@@ -60,26 +60,8 @@ def micro_config() -> Config:
     return cfg
 
 
-def base_args(setup, out, *extra) -> list[str]:
-    return [
-        "--config",
-        str(setup["config"]),
-        "--data",
-        str(setup["data"]),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        *map(str, extra),
-    ]
-
-
 def semi_args(setup, out, init, *extra) -> list[str]:
-    return base_args(
+    return train_args(
         setup,
         out,
         "--stage",
@@ -112,10 +94,10 @@ def setup(tmp_path_factory):
     (base / "micro.json").write_text(micro_config().to_json())
     setup = {"base": base, "data": data, "config": base / "micro.json", "pseudo": base / "pseudo"}
     for name, seed in (("a", 0), ("b", 1)):
-        assert train_main(base_args(setup, base / name, "--iters", 2, "--seed", seed)) == 0
+        assert train_main(train_args(setup, base / name, "--iters", 2, "--seed", seed)) == 0
     assert (
         train_main(
-            base_args(
+            train_args(
                 setup, base / "trk", "--stage", "tracker", "--init", base / "a" / "last.pt", "--iters", 1, "--frames", 2
             )
         )
@@ -481,7 +463,7 @@ def test_semi_from_a_tracker_keeps_the_tracker_frozen(setup, tmp_path):
 
 def test_semi_flag_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_main(base_args(setup, tmp_path / "a", "--stage", "semi", "--init", "x.pt"))
+        train_main(train_args(setup, tmp_path / "a", "--stage", "semi", "--init", "x.pt"))
     assert "--pseudo" in capsys.readouterr().err
     init = setup["base"] / "a" / "last.pt"
     assert (

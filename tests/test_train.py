@@ -18,7 +18,7 @@ import sys
 import time
 
 import cv2
-from helpers import REPO, script_main, write_ddp_train_wrapper
+from helpers import REPO, script_main, train_args, write_ddp_train_wrapper
 import numpy as np
 import pytest
 import torch
@@ -55,24 +55,6 @@ def setup(tmp_path_factory):
     cfg.optim.batch, cfg.stages.segmenter.frames, cfg.optim.iters = 1, 2, 4
     (base / "micro.json").write_text(cfg.to_json())
     return {"base": base, "data": data, "config": base / "micro.json"}
-
-
-def args_for(setup, out, *extra) -> list[str]:
-    return [
-        "--config",
-        str(setup["config"]),
-        "--data",
-        str(setup["data"]),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        *map(str, extra),
-    ]
 
 
 def run(argv, launcher=(sys.executable, "train.py"), timeout=180) -> subprocess.CompletedProcess:
@@ -158,7 +140,7 @@ def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
 def straight(setup):
     """4 steps in one go, evaluated at the end."""
     out = setup["base"] / "straight"
-    res = run(args_for(setup, out, "--eval-every", 4))
+    res = run(train_args(setup, out, "--eval-every", 4))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -187,10 +169,10 @@ def test_run_writes_safe_checkpoints_config_and_log(straight, setup, tmp_path):
 
 def test_resume_continues_exactly(straight, setup):
     out = setup["base"] / "resumed"
-    first = run(args_for(setup, out, "--eval-every", 4, "--stop-at", 2))
+    first = run(train_args(setup, out, "--eval-every", 4, "--stop-at", 2))
     assert first.returncode == 0, first.stderr[-3000:]
     assert load_checkpoint(out / "last.pt")["step"] == 2
-    second = run(args_for(setup, out, "--eval-every", 4, "--resume", "auto"))
+    second = run(train_args(setup, out, "--eval-every", 4, "--resume", "auto"))
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert_same_state(a, b, exact=True)
@@ -215,9 +197,9 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
     extra = ("--iters", 3, "--mvc", "--mvc-patch", 8)
     wrapper = write_ddp_train_wrapper(tmp_path / "ddp_wrapper.py")
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper))
-    ddp = run(args_for(setup, tmp_path / "ddp", *extra), launcher=launcher)
+    ddp = run(train_args(setup, tmp_path / "ddp", *extra), launcher=launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run(args_for(setup, tmp_path / "single", *extra, "--accum", 2))
+    single = run(train_args(setup, tmp_path / "single", *extra, "--accum", 2))
     assert single.returncode == 0, single.stderr[-3000:]
     rank0 = load_checkpoint(tmp_path / "ddp" / "last.pt.rank0")
     rank1 = load_checkpoint(tmp_path / "ddp" / "last.pt.rank1")
@@ -232,7 +214,7 @@ def test_ddp_two_ranks_equal_one_process_with_two_micro_batches(setup, tmp_path)
 
 def test_sigterm_saves_a_loadable_checkpoint(setup, tmp_path):
     out = tmp_path / "sig"
-    argv = args_for(setup, out, "--iters", 1000)
+    argv = train_args(setup, out, "--iters", 1000)
     argv[argv.index("--workers") + 1] = "1"  # the signal goes to the data worker as well
     with open(tmp_path / "stdout.txt", "wb") as stdout:
         proc = subprocess.Popen(
@@ -275,18 +257,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
 
     monkeypatch.setitem(STAGES, "segmenter", dataclasses.replace(stage, loss=loss_nan_at_step_3))
     out = tmp_path / "nan"
-    assert train_main(args_for(setup, out, "--save-every", 1)) == 1
+    assert train_main(train_args(setup, out, "--save-every", 1)) == 1
     assert "non-finite loss" in capsys.readouterr().err
     assert load_checkpoint(out / "last.pt")["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
 def test_bad_input_gives_a_clear_error(setup, straight, tmp_path, capsys):
-    assert train_main(args_for(setup, tmp_path / "a", "--resume", tmp_path / "missing.pt")) == 2
+    assert train_main(train_args(setup, tmp_path / "a", "--resume", tmp_path / "missing.pt")) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
-    assert train_main(args_for(setup, tmp_path / "b", "--resume", straight / "last.pt", "--seed", 5)) == 2
+    assert train_main(train_args(setup, tmp_path / "b", "--resume", straight / "last.pt", "--seed", 5)) == 2
     assert "different settings (train.seed: 0 -> 5)" in capsys.readouterr().err
-    bad = args_for(setup, tmp_path / "c")
+    bad = train_args(setup, tmp_path / "c")
     bad[bad.index("--data") + 1] = str(tmp_path / "nowhere")
     assert train_main(bad) == 2
     assert "nowhere" in capsys.readouterr().err
@@ -294,13 +276,13 @@ def test_bad_input_gives_a_clear_error(setup, straight, tmp_path, capsys):
 
 def test_init_loads_a_checkpoint_and_rejects_a_foreign_one(setup, straight, tmp_path, capsys):
     out = tmp_path / "init"
-    assert train_main(args_for(setup, out, "--init", straight / "last.pt", "--lr", 0, "--iters", 1)) == 0
+    assert train_main(train_args(setup, out, "--init", straight / "last.pt", "--lr", 0, "--iters", 1)) == 0
     start, after = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert after["step"] == 1  # a new run, starting from the weights
     params = [k for k in start["model"] if "running_" not in k and "num_batches" not in k]
     assert all(torch.equal(start["model"][k], after["model"][k]) for k in params)  # lr 0
     torch.save({"head.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert train_main(args_for(setup, tmp_path / "x", "--init", tmp_path / "foreign.pt")) == 2
+    assert train_main(train_args(setup, tmp_path / "x", "--init", tmp_path / "foreign.pt")) == 2
     assert "foreign.pt matches neither" in capsys.readouterr().err
 
 
@@ -363,7 +345,9 @@ def tracker_run(setup, straight, tmp_path_factory):
     vss.stages._guided = spy
     try:
         code = train_main(
-            args_for(setup, out, "--stage", "tracker", "--init", straight / "last.pt", "--frames", 3, "--eval-every", 4)
+            train_args(
+                setup, out, "--stage", "tracker", "--init", straight / "last.pt", "--frames", 3, "--eval-every", 4
+            )
         )
     finally:
         vss.stages._guided = real
@@ -394,7 +378,7 @@ def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
     out = tmp_path / "refiner"
     assert (
         train_main(
-            args_for(
+            train_args(
                 setup,
                 out,
                 "--stage",
@@ -429,9 +413,9 @@ def test_refiner_stage_from_the_tracker_with_mvc(tracker_run, setup, tmp_path):
 def test_refiner_resume_restores_the_class_memory(tracker_run, setup, tmp_path):
     extra = ("--stage", "refiner", "--init", tracker_run[0] / "last.pt", "--frames", 3, "--iters", 3)
     straight_out, split_out = tmp_path / "a", tmp_path / "b"
-    assert train_main(args_for(setup, straight_out, *extra)) == 0
-    assert train_main(args_for(setup, split_out, *extra, "--stop-at", 1)) == 0
-    assert train_main(args_for(setup, split_out, *extra, "--resume", "auto")) == 0
+    assert train_main(train_args(setup, straight_out, *extra)) == 0
+    assert train_main(train_args(setup, split_out, *extra, "--stop-at", 1)) == 0
+    assert train_main(train_args(setup, split_out, *extra, "--resume", "auto")) == 0
     a, b = load_checkpoint(straight_out / "last.pt"), load_checkpoint(split_out / "last.pt")
     assert_same_state(a, b, exact=True)
     assert a["class_memory"][0].keys() == b["class_memory"][0].keys()
@@ -439,13 +423,13 @@ def test_refiner_resume_restores_the_class_memory(tracker_run, setup, tmp_path):
 
 
 def test_init_rules_of_the_video_stages(setup, straight, tracker_run, tmp_path, capsys):
-    assert train_main(args_for(setup, tmp_path / "a", "--stage", "refiner", "--init", straight / "last.pt")) == 2
+    assert train_main(train_args(setup, tmp_path / "a", "--stage", "refiner", "--init", straight / "last.pt")) == 2
     assert "without ['tracker'] weights" in capsys.readouterr().err
-    assert train_main(args_for(setup, tmp_path / "b", "--stage", "tracker")) == 2
+    assert train_main(train_args(setup, tmp_path / "b", "--stage", "tracker")) == 2
     assert "pass --init with a segmenter checkpoint" in capsys.readouterr().err
     # a tracker checkpoint as --init of the segmenter stage: the segmenter is loaded, the
     # tracker ignored, and the message says so
-    assert train_main(args_for(setup, tmp_path / "c", "--init", tracker_run[0] / "last.pt", "--iters", 1)) == 0
+    assert train_main(train_args(setup, tmp_path / "c", "--init", tracker_run[0] / "last.pt", "--iters", 1)) == 0
     printed = capsys.readouterr().out
     assert "loaded segmenter" in printed and "ignored from the checkpoint: tracker" in printed
 
@@ -474,7 +458,7 @@ def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path, monkey
     main = script_main("train.py")  # binds the patched BudgetClock
     assert main.__globals__["FIT_STEPS"] == 10
     out = tmp_path / "budget"
-    assert main(args_for(setup, out, "--time-budget", budget_min)) == 0
+    assert main(train_args(setup, out, "--time-budget", budget_min)) == 0
     lines = log_lines(out)
     fitted = [x for x in lines if "schedule" in x]
     assert fitted == [
@@ -493,10 +477,10 @@ def test_time_budget_fits_the_whole_schedule_and_logs_it(setup, tmp_path, monkey
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 18 and ck["cpu_minutes"] == budget_min
     # resumed with the same budget: nothing left to do; another budget is another run
-    assert main(args_for(setup, out, "--time-budget", budget_min, "--resume", "auto")) == 0
+    assert main(train_args(setup, out, "--time-budget", budget_min, "--resume", "auto")) == 0
     assert begun == list(range(1, 19)) and [x for x in log_lines(out) if "loss" in x] == steps
     capsys.readouterr()
-    assert main(args_for(setup, out, "--time-budget", 0.5, "--resume", "auto")) == 2
+    assert main(train_args(setup, out, "--time-budget", 0.5, "--resume", "auto")) == 2
     assert f"optim.time_budget: {budget_min} -> 0.5" in capsys.readouterr().err
 
 
@@ -527,7 +511,7 @@ def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
     root = _image_folder(tmp_path / "imgs", [10, 20, 30])
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"num_target_classes": 2, "map": {"10": 0, "20": 1}}))
-    cfg = printed_config(args_for(setup, tmp_path / "x", "--extra", f"{root}:{mapping}"))
+    cfg = printed_config(train_args(setup, tmp_path / "x", "--extra", f"{root}:{mapping}"))
     assert cfg.train.extra == (f"{root}:{mapping}",)
     positioned = build_dataset(setup["data"], cfg)
     n_videos = len(positioned.dataset.videos)
@@ -543,7 +527,7 @@ def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
         assert set(clip["labels"][t].unique().tolist()) == {expect}
     # --extra-ratio 1: every slot is an image; training runs on them
     out = tmp_path / "run"
-    assert train_main(args_for(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1, "--iters", 2)) == 0
+    assert train_main(train_args(setup, out, "--extra", f"{root}:{mapping}", "--extra-ratio", 1, "--iters", 2)) == 0
     positioned = build_dataset(setup["data"], Config.from_dict(load_checkpoint(out / "last.pt")["config"]))
     assert all(positioned.locate(g)[0] == 0 for g in range(20))
     assert load_checkpoint(out / "last.pt")["step"] == 2
@@ -551,9 +535,9 @@ def test_extra_image_datasets_mix_into_the_labelled_stream(setup, tmp_path):
 
 def test_extra_flag_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_main(args_for(setup, tmp_path / "a", "--stage", "tracker", "--extra", "x:y"))
+        train_main(train_args(setup, tmp_path / "a", "--stage", "tracker", "--extra", "x:y"))
     assert "per-frame stage" in capsys.readouterr().err
-    assert train_main(args_for(setup, tmp_path / "b", "--extra", f"{tmp_path}/none:{tmp_path}/m.json")) == 2
+    assert train_main(train_args(setup, tmp_path / "b", "--extra", f"{tmp_path}/none:{tmp_path}/m.json")) == 2
     assert "m.json" in capsys.readouterr().err
 
 
@@ -695,7 +679,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_training_is_unchanged(
 def test_ctvis_stage_one_trains_the_reid_head(setup, straight, tmp_path):
     """--ctvis: stage 1 logs CTVIS's two terms and updates the reid head (frozen without it)."""
     out = tmp_path / "ctvis"
-    assert train_main(args_for(setup, out, "--ctvis", "--iters", 2)) == 0
+    assert train_main(train_args(setup, out, "--ctvis", "--iters", 2)) == 0
     lines = [x for x in log_lines(out) if "loss" in x]
     assert all(x["loss_reid"] > 0 and x["loss_aux_reid"] > 0 for x in lines)
     reid = lambda ck: {k: v for k, v in ck["model"].items() if ".reid_embed." in k}  # noqa: E731
@@ -723,7 +707,7 @@ def test_broken_training_files_are_named(setup, tmp_path, capsys, damage):
         for mask in (data / "data" / video / "mask").glob("*.png"):
             if damage == "empty_mask":
                 mask.write_bytes(b"")
-    argv = args_for(setup, tmp_path / "run", "--iters", 1)
+    argv = train_args(setup, tmp_path / "run", "--iters", 1)
     argv[argv.index("--data") + 1] = str(data)
     capsys.readouterr()
     assert train_main(argv) == 2
@@ -740,14 +724,14 @@ def test_a_killed_save_leaves_nothing_behind_and_the_log_continues(setup, tmp_pa
     """SIGKILL during a save leaves a hidden temporary file (as large as a checkpoint): the next start
     removes it. Steps logged after the last checkpoint are logged again on resume, once."""
     out = tmp_path / "run"
-    assert train_main(args_for(setup, out, "--stop-at", 2, "--save-every", 2)) == 0
+    assert train_main(train_args(setup, out, "--stop-at", 2, "--save-every", 2)) == 0
     stale = out / ".last.pt.0badc0de.tmp"
     stale.write_bytes(b"x" * 1000)
     keep = out / ".last.pt.notours.tmp"  # not a name atomic_path makes: left alone
     keep.write_bytes(b"x")
     with open(out / "log.jsonl", "a") as f:  # step 3 ran, then the process was killed before its save
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-    assert train_main(args_for(setup, out, "--resume", "auto")) == 0
+    assert train_main(train_args(setup, out, "--resume", "auto")) == 0
     assert not stale.exists() and keep.exists() and f"removed {stale}" in capsys.readouterr().out
     steps = [x["step"] for x in log_lines(out) if "loss" in x]
     assert steps == [1, 2, 3, 4]
@@ -758,7 +742,7 @@ def test_corrupt_last_checkpoint_points_to_best(setup, straight, tmp_path, capsy
     shutil.copytree(straight, out)
     assert (out / "best.pt").is_file()
     (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:5000])
-    assert train_main(args_for(setup, out, "--resume", "auto")) == 2
+    assert train_main(train_args(setup, out, "--resume", "auto")) == 2
     err = capsys.readouterr().err
     assert "truncated or corrupt" in err and f"--resume {out / 'best.pt'}" in err
 
@@ -766,5 +750,5 @@ def test_corrupt_last_checkpoint_points_to_best(setup, straight, tmp_path, capsy
 @pytest.mark.parametrize("workers", ["-1"])
 def test_negative_workers_is_a_usage_error(setup, tmp_path, capsys, workers):
     with pytest.raises(SystemExit) as e:
-        train_main(args_for(setup, tmp_path / "x", "--workers", workers))
+        train_main(train_args(setup, tmp_path / "x", "--workers", workers))
     assert e.value.code == 2 and "--workers must be >= 0" in capsys.readouterr().err

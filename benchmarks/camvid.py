@@ -197,11 +197,12 @@ def base(b: Bench) -> Path:
     return ckpt
 
 
-def chains(b: Bench, base_ckpt: Path) -> dict:
-    """Stage-1 fine-tune, tracker and refiner with and without MVC, for every seed (the video stages
-    for the first ``--video-seeds``)."""
+def chains(b: Bench, base_ckpt: Path, upto: str = "ref") -> dict:
+    """Stage-1 fine-tune, tracker and refiner (up to stage ``upto``) with and without MVC, for every
+    seed (the video stages for the first ``--video-seeds``)."""
     runs = {}
-    for stage, recipe in (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER)):
+    recipes = (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER))
+    for stage, recipe in recipes[: [name for name, _ in recipes].index(upto) + 1]:
         jobs = []
         for mvc in (False, True):
             for seed in b.seeds if stage == "ft" else b.video_seeds:
@@ -251,19 +252,25 @@ def mvc_table(b: Bench) -> dict:
 
 
 def tta_table(b: Bench) -> None:
-    runs = chains(b, base(b))
+    """TTA rows on the final (stage-3) models, MVC first (``--tta-both``: the plain one too), or on
+    the base (``--on base``)."""
     views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
     if b.args.tta_views:
         views = {name: views[name] for name in b.args.tta_views.split(",")}
+    if b.args.on == "base":
+        models = {"base": base(b)}
+    else:
+        runs = chains(b, base(b))
+        models = {"mvc": runs[("ref", True, 0)], "plain": runs[("ref", False, 0)]}
+        models = dict(list(models.items())[: 2 if b.args.tta_both else 1])
     rows, data = [], {}
-    for mvc in (True, False)[: 2 if b.args.tta_both else 1]:
-        ckpt = str(runs[("ref", mvc, 0)])
+    for model, ckpt in models.items():
         for view, flags in views.items():
-            r = b.score(f"tta_{'mvc' if mvc else 'plain'}_{view.replace(' ', '_')}", "--checkpoint", ckpt, *flags)
-            data[f"{'mvc' if mvc else 'plain'} {view}"] = r
+            r = b.score(f"tta_{model}_{view.replace(' ', '_')}", "--checkpoint", str(ckpt), *flags)
+            data[f"{model} {view}"] = r
             rows.append(
                 [
-                    "yes" if mvc else "-",
+                    model,
                     view,
                     f"{r['mIoU']:.3f}",
                     f"{r['VC8']:.3f}",
@@ -271,22 +278,28 @@ def tta_table(b: Bench) -> None:
                     f"{r['fps']:.2f}",
                 ]
             )
-    write_table(b.out / "tta.json", ["MVC", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
+    write_table(b.out / "tta.json", ["model", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
 
 
 def aggregate_table(b: Bench) -> None:
-    runs = chains(b, base(b))
+    """Per-video choice between the MVC and plain models of each seed: the refiners, or the stage-1
+    fine-tunes with ``--on ft``."""
+    stage = "ft" if b.args.on == "ft" else "ref"
+    runs = chains(b, base(b), upto=stage)
+    seeds = b.seeds if stage == "ft" else b.video_seeds
     rows, data = [], {}
-    for seed in b.video_seeds:
-        pair = [str(runs[("ref", True, seed)]), str(runs[("ref", False, seed)])]
-        r = b.score(f"aggregate_s{seed}", "--aggregate", *pair)
-        choice = json.loads((b.out / "pred" / f"aggregate_s{seed}" / "report.json").read_text())["videos"]
+    for seed in seeds:
+        pair = [str(runs[(stage, True, seed)]), str(runs[(stage, False, seed)])]
+        name = f"aggregate_{stage}_s{seed}"
+        r = b.score(name, "--aggregate", *pair)
+        choice = json.loads((b.out / "pred" / name / "report.json").read_text())["videos"]
         picked_mvc = sum(pair[0] in v["aggregation"]["choice"] for v in choice.values())
         data[f"s{seed}"] = {**r, "videos_mvc": picked_mvc, "videos": len(choice)}
-    for name, key in (("MVC offline alone", "ref_mvc"), ("plain offline alone", "ref_plain")):
-        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[("ref", "mvc" in key, s)])) for s in b.video_seeds]
-        rows.append([name, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
-    agg = [data[f"s{s}"] for s in b.video_seeds]
+    for mvc in (True, False):
+        key = f"{stage}_{'mvc' if mvc else 'plain'}"
+        scores = [b.score(f"{key}_s{s}", "--checkpoint", str(runs[(stage, mvc, s)])) for s in seeds]
+        rows.append([f"{key} alone", *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
+    agg = [data[f"s{s}"] for s in seeds]
     rows.append(
         [
             "per-video choice by flow-SSIM",
@@ -471,6 +484,12 @@ def main() -> None:
     p.add_argument("--video-seeds", type=int, help="seeds of the tracker/refiner rows (default: --seeds)")
     p.add_argument("--tta-views", help="tta: comma-separated row names of TTA_VIEWS to run (default all)")
     p.add_argument("--teacher", type=Path, help="semi: an existing teacher checkpoint (default: train one)")
+    p.add_argument(
+        "--on",
+        choices=("final", "base", "ft"),
+        default="final",
+        help="tta: the final models or the base; aggregate: the refiners (final) or the stage-1 fine-tunes (ft)",
+    )
     p.add_argument("--tta-both", action="store_true", help="tta: the non-MVC final model too")
     p.add_argument("--semi-ensemble", action="store_true", help="semi: also the teacher + semi student ensemble")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each (default 2)")

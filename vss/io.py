@@ -185,15 +185,19 @@ def decode_plain_png(data: bytes) -> np.ndarray | None:
     return None if pixels is None else np.ascontiguousarray(pixels)
 
 
+def _file_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a file; a missing one named as ``what``."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+
+
 def read_shifted_label(path: str | os.PathLike) -> np.ndarray:
     """``shift_labels(read_label_png(path))``: (H,W) uint8 train ids (raw 0 and 255 -> 255, k+1 ->
     k), with ``decode_plain_png`` as the fast path (evaluate.py reads every GT frame this way)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label PNG not found: {path}") from None
-    raw = _plain_png_pixels(data)
+    raw = _plain_png_pixels(_file_bytes(path, "label PNG"))
     if raw is None:
         return shift_labels(read_label_png(path))
     # two passes that also make the strided pixels contiguous: 255 -> 0, then - 1 with wrap-around
@@ -210,10 +214,7 @@ def read_png(path: str | os.PathLike, what: str = "PNG") -> np.ndarray:
         FileNotFoundError: missing file. ValueError: corrupt, truncated or not an image.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+    data = _file_bytes(path, what)
     plain = decode_plain_png(data)
     return plain if plain is not None else decode_png(data, path, what)
 

@@ -252,16 +252,17 @@ def mvc_table(b: Bench) -> dict:
 
 
 def tta_table(b: Bench) -> None:
-    """TTA rows on the final (stage-3) models, MVC first (``--tta-both``: the plain one too), or on
-    the base (``--on base``)."""
+    """TTA rows on the final (stage-3) models, MVC first (``--tta-both``: the plain one too), on the
+    stage-1 fine-tunes (``--on ft``) or on the base (``--on base``); seed 0."""
     views = {**TTA_VIEWS, **(U2PL_VIEWS if b.args.u2pl_scales else {})}
     if b.args.tta_views:
         views = {name: views[name] for name in b.args.tta_views.split(",")}
     if b.args.on == "base":
         models = {"base": base(b)}
     else:
-        runs = chains(b, base(b))
-        models = {"mvc": runs[("ref", True, 0)], "plain": runs[("ref", False, 0)]}
+        stage, prefix = ("ft", "ft_") if b.args.on == "ft" else ("ref", "")
+        runs = chains(b, base(b), upto=stage)
+        models = {f"{prefix}mvc": runs[(stage, True, 0)], f"{prefix}plain": runs[(stage, False, 0)]}
         models = dict(list(models.items())[: 2 if b.args.tta_both else 1])
     rows, data = [], {}
     for model, ckpt in models.items():
@@ -284,6 +285,8 @@ def tta_table(b: Bench) -> None:
 def aggregate_table(b: Bench) -> None:
     """Per-video choice between the MVC and plain models of each seed: the refiners, or the stage-1
     fine-tunes with ``--on ft``."""
+    if b.args.on == "base":
+        raise SystemExit("aggregate needs two models per seed: --on ft or --on final")
     stage = "ft" if b.args.on == "ft" else "ref"
     runs = chains(b, base(b), upto=stage)
     seeds = b.seeds if stage == "ft" else b.video_seeds

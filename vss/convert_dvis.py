@@ -27,18 +27,19 @@ DVIS++ / detectron2                            vss
 detectron2's FrozenBN has no ``num_batches_tracked``; it is added as 0 (vss's norms keep
 ``nn.BatchNorm2d``'s keys). Floating tensors are stored as float32.
 
-Steps: 1. read the file without running pickle code: ``.pth`` with ``torch.load(weights_only=
-True)`` (a detectron2 ``{"model": state_dict, ...}`` or a bare state dict), ``.pkl`` (detectron2
-model zoo: numpy arrays) with ``RestrictedUnpickler``, which admits only numpy arrays and dtypes,
-dicts, lists, tuples, strings and numbers; 2. rename; 3. pick the config (``--preset``, default
-from the backbone's keys: ``r50`` or ``vitl``, or ``--config`` JSON for other dimensions) and the
-stage (the last module present: a CTVIS/MinVIS segmenter -> ``segmenter``, an online model ->
-``tracker``, an offline model -> ``refiner``); 4. check every key and shape against that model
-(built on the ``meta`` device, nothing allocated): an error lists the missing, unexpected and
-mismatched keys; 5. write ``{"model", "config", "stage", "class_names", "palette", "converted_from"}``
-atomically, which ``infer.py --checkpoint``, ``train.py --init`` and ``--stage tracker|refiner
---init`` read. A bare detectron2 ResNet (e.g. ``R-50.pkl``, keys ``stem.*``/``res2.*``) is
-written as a torchvision-layout state dict for ``train.py --backbone-weights``.
+Steps: 1. read the file without running pickle code: ``.pth`` with
+``torch.load(weights_only=True)`` (a detectron2 ``{"model": state_dict, ...}`` or a bare state
+dict), ``.pkl`` (detectron2 model zoo: numpy arrays) with ``RestrictedUnpickler``, which admits
+only numpy arrays and dtypes, dicts, lists, tuples, strings and numbers; 2. rename; 3. pick the
+config (``--preset``, default from the backbone's keys: ``r50`` or ``vitl``, or ``--config`` JSON
+for other dimensions) and the stage (the last module present: a CTVIS/MinVIS segmenter ->
+``segmenter``, an online model -> ``tracker``, an offline model -> ``refiner``); 4. check every key
+and shape against that model (built on the ``meta`` device, nothing allocated): an error lists the
+missing, unexpected and mismatched keys; 5. write ``{"model", "config", "stage", "class_names",
+"palette", "converted_from"}`` atomically, which ``infer.py --checkpoint``, ``train.py --init`` and
+``--stage tracker|refiner --init`` read. A bare detectron2 ResNet (e.g. ``R-50.pkl``, keys
+``stem.*``/``res2.*``) is written as a torchvision-layout state dict for ``train.py
+--backbone-weights``.
 """
 
 from __future__ import annotations

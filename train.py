@@ -138,6 +138,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--iters", type=int, help="training steps (the LR schedule's length)")
     g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument(
+        "--lr-steps",
+        type=lambda v: tuple(float(f) for f in v.split(",")),
+        help="fractions of the schedule where the LR drops 10x, e.g. 0.7,0.9 (default: the stage's preset); "
+        "1 keeps it constant",
+    )
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
     g.add_argument("--base-size", type=int, help="training short side before the random scale")
     g.add_argument("--test-size", type=int, help="evaluation short side (0 = original size)")
@@ -288,7 +294,7 @@ def apply_args(cfg: Config, args: argparse.Namespace, num_classes: int) -> Confi
         extra_ratio=args.extra_ratio,
         extra=tuple(args.extra) if args.extra else None,
     )
-    _set(cfg.stage, frames=args.frames)
+    _set(cfg.stage, frames=args.frames, lr_steps=args.lr_steps)
     _set(cfg.optim, batch=args.batch, iters=args.iters, lr=args.lr)
     if args.time_budget is not None and args.time_budget != cfg.optim.time_budget:
         cfg.optim.time_budget, cfg.optim.iters = args.time_budget, 0  # fitted after the first steps

@@ -573,6 +573,12 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
         and not printed_config(["--preset", "r50", "--no-ctvis", *data]).loss.ctvis
     )
     assert (cfg.train.seed, cfg.train.split) == (7, "val")
+    # --lr-steps: the stage's own drops (other stages keep theirs); 1 keeps the LR constant
+    cfg = printed_config(["--stage", "semi", "--pseudo", "p", "--lr-steps", "0.5,0.8", "--iters", 10, *data])
+    assert cfg.stage.lr_steps == (0.5, 0.8) and vss.engine.lr_milestones(cfg.optim, cfg.stage.lr_steps) == [5, 8]
+    assert cfg.stages.segmenter.lr_steps == () and cfg.optim.lr_steps == (0.7, 0.9)
+    cfg = printed_config(["--lr-steps", "1", "--iters", 10, *data])
+    assert vss.engine.lr_milestones(cfg.optim, cfg.stage.lr_steps) == [10]
     cfg = printed_config(["--stage", "semi", "--pseudo", "p", "--bank-size", 9, "--ema-decay", 0.5, *data])
     assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
     # without --config/--preset the --init checkpoint's config is the base

@@ -3,8 +3,10 @@ guided matching, reid items, class memory), whole-video inference (windowing, me
 merge against a direct computation) and small overfitting runs."""
 
 import gc
+import runpy
 import warnings
 
+from helpers import REPO
 import numpy as np
 import pytest
 import torch
@@ -449,6 +451,34 @@ def test_mvc_masked_pass_leaves_batchnorm_statistics_as_the_clean_pass_left_them
     assert states["plain"].keys() == states["mvc"].keys() and states["plain"]
     for key in states["plain"]:
         assert torch.equal(states["plain"][key], states["mvc"][key]), key
+
+
+def test_benchmark_undo_fix_restores_the_two_mvc_bugs(monkeypatch):
+    """benchmarks/undo_fix.py, which measures what the fixes changed, brings back exactly the old
+    behaviour: the masked pass moves the BN running statistics (counts 2 per layer instead of 1),
+    and the stage-3 masked pass pushes its embeddings into the class memory a second time."""
+    import vss.mvc
+    import vss.video_model as vm
+
+    undo = runpy.run_path(str(REPO / "benchmarks" / "undo_fix.py"))
+    monkeypatch.setattr(vss.mvc, "batch_norm_statistics_kept", vss.mvc.batch_norm_statistics_kept)
+    monkeypatch.setattr(vm, "refiner_loss", vm.refiner_loss)
+    settings = {"patch_size": 8, "ratio": 0.5, "weight": 1.0}
+    pushed = {}
+    for undone in (False, True):
+        if undone:
+            undo["undo_bn_stats"]()
+            undo["undo_memory"]()
+        torch.manual_seed(0)
+        model = make_model("segmenter").train()
+        video_loss(model, make_batch(b=1, t=2), make_criterion(), mvc=settings)
+        counts = {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert counts == ({2} if undone else {1})
+        model = make_model("refiner").train()
+        torch.manual_seed(0)
+        video_loss(model, make_batch(b=2, t=3), make_criterion(), guided=True, mvc=settings)
+        pushed[undone] = sum(e.shape[0] for e in model.class_memory.items.values())
+    assert pushed[True] == 2 * pushed[False] > 0
 
 
 def test_video_loss_mvc_feeds_masked_frames_to_frozen_segmenter():

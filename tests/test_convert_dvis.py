@@ -201,14 +201,17 @@ def test_fixture_config_is_the_fixture_meta(official):
     )
 
 
-def test_part_a_pixel_decoder_and_segmenter_match_the_original(official, fixture_model):
+@pytest.mark.parametrize("all_layers", [False, True], ids=["inference", "all layers"])
+def test_part_a_pixel_decoder_and_segmenter_match_the_original(official, fixture_model, all_layers):
+    """Both decoder paths: inference (attention masks at the levels' sizes, last prediction only)
+    and all layers (every prediction at stride 4, as the original computes them)."""
     z, seg = official, fixture_model.segmenter
     outs = []
     with torch.no_grad():
         for s, t in WINDOWS:
             feats = {f"res{i}": torch.from_numpy(z[f"in/feat_res{i}"][s:t]) for i in range(2, 6)}
             mask_features, multi_scale = seg.pixel_decoder(feats)
-            outs.append((mask_features, multi_scale, seg.transformer_decoder(multi_scale, mask_features)))
+            outs.append((mask_features, multi_scale, seg.transformer_decoder(multi_scale, mask_features, all_layers)))
     _close(torch.cat([o[0] for o in outs]), z["a/pixdec/mask_features"], name="mask_features")
     for lvl in range(3):  # strides 32, 16, 8
         _close(torch.cat([o[1][lvl] for o in outs]), z[f"a/pixdec/multi_scale_features_{lvl}"], name=f"level {lvl}")
@@ -222,7 +225,8 @@ def test_part_a_pixel_decoder_and_segmenter_match_the_original(official, fixture
         _close(cat(lambda o: o[key]).permute(2, 0, 1)[None], z[f"a/seg/{key}"], name=key)
     reid = cat(lambda o: o["pred_embds"])[..., fixture_config().model.hidden_dim :]
     _close(reid.permute(2, 0, 1)[None], z["a/seg/pred_reid_embed"], name="reid")
-    for j in range(3):  # from the learnable queries, after layers 1 and 2
+    assert ("aux_outputs" in outs[0][2]) == all_layers
+    for j in range(3 if all_layers else 0):  # from the learnable queries, after layers 1 and 2
         _close(cat(lambda o: o["aux_outputs"][j]["pred_logits"])[None], z[f"a/seg/aux{j}/pred_logits"], name=f"aux{j}")
         _close(
             cat(lambda o: o["aux_outputs"][j]["pred_masks"]).transpose(0, 1)[None],

@@ -121,6 +121,37 @@ def test_fully_blocked_query_attends_everywhere():
     assert not torch.allclose(out[1], unmasked[1], atol=1e-3)  # other rows really are masked
 
 
+def test_inference_path_equals_the_all_layers_path(segmenter):
+    """In eval mode the decoder makes each attention mask at its level's size from resized mask
+    features (no earlier predictions): the same blocked positions and the same final prediction
+    as the all-layers path, which resizes every stride-4 prediction."""
+    decoder = segmenter.transformer_decoder
+    captured = {True: [], None: []}
+    images = torch.randn(2, 3, 128, 160)
+    segmenter.eval()
+    try:
+        with torch.no_grad():
+            outs = {}
+            for all_layers in (True, None):  # None: eval mode's default, the inference path
+                handles = [
+                    layer.register_forward_pre_hook(
+                        lambda m, a, kw, c=captured[all_layers]: c.append(kw["blocked"]), with_kwargs=True
+                    )
+                    for layer in decoder.transformer_cross_attention_layers
+                ]
+                outs[all_layers] = segmenter(images, all_layers=all_layers)
+                for h in handles:
+                    h.remove()
+    finally:
+        segmenter.train()
+    assert "aux_outputs" in outs[True] and "aux_outputs" not in outs[None]
+    assert len(captured[None]) == len(captured[True]) == LAYERS
+    for fast, full in zip(captured[None], captured[True]):
+        assert fast.any() and (fast != full).sum() <= 2  # a logit within rounding of 0 may flip
+    for key in ("pred_logits", "pred_masks", "pred_embds", "mask_features"):
+        torch.testing.assert_close(outs[None][key], outs[True][key], rtol=1e-4, atol=1e-4)
+
+
 def test_attention_masks_come_from_previous_prediction_at_next_level(segmenter):
     decoder = segmenter.transformer_decoder
     captured = []

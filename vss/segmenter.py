@@ -62,8 +62,19 @@ def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int]) -> Ten
     """
     with torch.no_grad():
         # (N, Q, H_l, W_l)
-        resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-        blocked = resized.sigmoid().flatten(2) < 0.5  # (N, Q, L)
+        return attention_mask_at_level(F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False))
+
+
+def attention_mask_at_level(level_logits: Tensor) -> Tensor:
+    """Steps 2-3 of ``attention_mask_from_masks`` on mask logits already at the level size.
+
+    Args:
+        level_logits: (N, Q, H_l, W_l).
+    Returns:
+        blocked: (N, Q, H_l*W_l) bool, True = may not attend.
+    """
+    with torch.no_grad():
+        blocked = level_logits.sigmoid().flatten(2) < 0.5  # (N, Q, L)
         blocked &= ~blocked.all(-1, keepdim=True)
     return blocked
 
@@ -141,17 +152,26 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         masks = torch.einsum("nqc,nchw->nqhw", mask_embed, mask_features)  # (N, Q, h, w)
         return logits, masks
 
-    def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor) -> dict:
+    def forward(
+        self, multi_scale_features: list[Tensor], mask_features: Tensor, all_layers: bool | None = None
+    ) -> dict:
         """
         Args:
             multi_scale_features: 3 maps (N, C, H_l, W_l) at strides [32, 16, 8].
             mask_features: (N, mask_dim, h, w) at stride 4.
+            all_layers: return the earlier predictions too (deep supervision); default
+                ``self.training``. Without them, each layer's attention mask is computed at its
+                level's size from the mask features resized once per level: resizing is linear,
+                so resize(e . F) = e . resize(F) (equal up to float rounding), and 6 of the 7
+                (N, Q, h, w) mask products are done at strides 32 to 8 instead of 4.
         Returns:
             dict with `pred_logits` (N, Q, K+1), `pred_masks` (N, Q, h, w), `aux_outputs`
-            (dec_layers dicts of the earlier predictions, first = from the learnable queries),
-            `pred_embds` (N, Q, 2D) = [norm(q) | reid(norm(q))] and `pred_embds_without_norm`
-            (N, Q, 2D) = [q | reid(norm(q))].
+            (when all_layers: dec_layers dicts of the earlier predictions, first = from the
+            learnable queries), `pred_embds` (N, Q, 2D) = [norm(q) | reid(norm(q))] and
+            `pred_embds_without_norm` (N, Q, 2D) = [q | reid(norm(q))].
         """
+        if all_layers is None:
+            all_layers = self.training
         if len(multi_scale_features) != NUM_LEVELS:
             raise ValueError(f"expected {NUM_LEVELS} feature maps, got {len(multi_scale_features)}")
         n = mask_features.shape[0]
@@ -167,10 +187,24 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight[None]  # (1, Q, D)
         queries = self.query_feat.weight[None].expand(n, -1, -1)  # (N, Q, D)
 
+        if not all_layers:
+            # (N, mask_dim, H_l, W_l) per level
+            level_features = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
+            ]
+        predictions = []
+
+        def predict(queries: Tensor, next_lvl: int | None) -> Tensor | None:
+            """Heads on ``queries``; the attention mask of level ``next_lvl`` (None: last layer)."""
+            if all_layers or next_lvl is None:
+                logits, masks = self.forward_prediction_heads(queries, mask_features)
+                predictions.append((logits, masks))
+                return None if next_lvl is None else attention_mask_from_masks(masks, sizes[next_lvl])
+            mask_embed = self.mask_embed(self.decoder_norm(queries))  # (N, Q, mask_dim)
+            return attention_mask_at_level(torch.einsum("nqc,nchw->nqhw", mask_embed, level_features[next_lvl]))
+
         # prediction 0 from the learnable queries; its mask restricts layer 0 (level 0)
-        logits, masks = self.forward_prediction_heads(queries, mask_features)
-        predictions = [(logits, masks)]
-        blocked = attention_mask_from_masks(masks, sizes[0])
+        blocked = predict(queries, 0 if self.num_layers else None)
         for i in range(self.num_layers):
             lvl = i % NUM_LEVELS
             # 1. masked cross-attention to one level; 2. self-attention among queries; 3. FFN
@@ -184,19 +218,19 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             queries = self.transformer_self_attention_layers[i](queries, query_pos=query_pos)
             queries = self.transformer_ffn_layers[i](queries)
             # 4. heads; the mask is resized to the level the NEXT layer attends to
-            logits, masks = self.forward_prediction_heads(queries, mask_features)
-            predictions.append((logits, masks))
-            blocked = attention_mask_from_masks(masks, sizes[(i + 1) % NUM_LEVELS])
+            blocked = predict(queries, (i + 1) % NUM_LEVELS if i < self.num_layers - 1 else None)
 
         normed = self.decoder_norm(queries)  # (N, Q, D)
         reid = self.reid_embed(normed)  # (N, Q, D)
-        return {
+        out = {
             "pred_logits": predictions[-1][0],
             "pred_masks": predictions[-1][1],
-            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]],
             "pred_embds": torch.cat([normed, reid], dim=-1),  # (N, Q, 2D)
             "pred_embds_without_norm": torch.cat([queries, reid], dim=-1),  # (N, Q, 2D)
         }
+        if all_layers:
+            out["aux_outputs"] = [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]]
+        return out
 
 
 class Segmenter(nn.Module):
@@ -214,14 +248,16 @@ class Segmenter(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
 
-    def forward(self, images: Tensor) -> dict:
+    def forward(self, images: Tensor, all_layers: bool | None = None) -> dict:
         """
         Args:
             images: (N, 3, H, W) normalised frames (H, W padded to a multiple of 32 by the data
                 pipeline).
+            all_layers: the decoder's earlier predictions too (default ``self.training``).
         Returns:
             dict: `pred_logits` (N, Q, K+1), `pred_masks` (N, Q, h, w) logits at stride 4,
-            `aux_outputs` (dec_layers dicts with `pred_logits`, `pred_masks`), `pred_embds` and
+            `aux_outputs` (when all_layers: dec_layers dicts with `pred_logits`, `pred_masks`),
+            `pred_embds` and
             `pred_embds_without_norm` (N, Q, 2D), `mask_features` (N, mask_dim, h, w),
             `multi_scale_features` [3 x (N, conv_dim, ., .)] at strides [32, 16, 8].
         """
@@ -229,7 +265,7 @@ class Segmenter(nn.Module):
             raise ValueError(f"Segmenter expects images (N, 3, H, W), got {tuple(images.shape)}")
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features)
-        out = self.transformer_decoder(multi_scale_features, mask_features)
+        out = self.transformer_decoder(multi_scale_features, mask_features, all_layers)
         out["mask_features"] = mask_features
         out["multi_scale_features"] = multi_scale_features
         return out

@@ -140,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="base learning rate")
     g.add_argument(
         "--lr-steps",
-        type=lambda v: tuple(float(f) for f in v.split(",")),
+        type=lambda v: tuple(float(f) for f in v.split(",")),  # checked in check_args
         help="fractions of the schedule where the LR drops 10x, e.g. 0.7,0.9 (default: the stage's preset); "
         "1 keeps it constant",
     )
@@ -251,6 +251,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--time-budget must be > 0 minutes, got {args.time_budget}")
     if args.time_budget is not None and args.iters is not None:
         parser.error("--time-budget fits the number of steps to the budget: leave out --iters")
+    if args.lr_steps is not None and not all(0.0 < f <= 1.0 for f in args.lr_steps):
+        parser.error(f"--lr-steps must be fractions of the schedule in (0, 1], got {args.lr_steps}")
     if args.extra_ratio is not None and not 0.0 <= args.extra_ratio <= 1.0:
         parser.error(f"--extra-ratio must be in [0, 1], got {args.extra_ratio}")
     if args.extra_ratio is not None and not args.extra:

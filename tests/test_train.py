@@ -758,3 +758,10 @@ def test_negative_workers_is_a_usage_error(setup, tmp_path, capsys, workers):
     with pytest.raises(SystemExit) as e:
         train_main(train_args(setup, tmp_path / "x", "--workers", workers))
     assert e.value.code == 2 and "--workers must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["70", "0.7,0"])
+def test_lr_steps_outside_the_schedule_are_a_usage_error(setup, tmp_path, capsys, steps):
+    with pytest.raises(SystemExit) as e:
+        train_main(train_args(setup, tmp_path / "x", "--lr-steps", steps))
+    assert e.value.code == 2 and "--lr-steps must be fractions of the schedule in (0, 1]" in capsys.readouterr().err

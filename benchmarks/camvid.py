@@ -199,15 +199,15 @@ def base(b: Bench) -> Path:
     return ckpt
 
 
-def chains(b: Bench, base_ckpt: Path, upto: str = "ref") -> dict:
-    """Stage-1 fine-tune, tracker and refiner (up to stage ``upto``) with and without MVC, for every
-    seed (the video stages for the first ``--video-seeds``)."""
+def chains(b: Bench, base_ckpt: Path, upto: str = "ref", seeds: tuple[int, ...] | None = None) -> dict:
+    """Stage-1 fine-tune, tracker and refiner (up to stage ``upto``) with and without MVC, for
+    ``seeds`` (default: every seed, the video stages for the first ``--video-seeds``)."""
     runs = {}
     recipes = (("ft", FINETUNE), ("trk", TRACKER), ("ref", REFINER))
     for stage, recipe in recipes[: [name for name, _ in recipes].index(upto) + 1]:
         jobs = []
         for mvc in (False, True):
-            for seed in b.seeds if stage == "ft" else b.video_seeds:
+            for seed in seeds or (b.seeds if stage == "ft" else b.video_seeds):
                 name = f"mvc/{stage}_{'mvc' if mvc else 'plain'}_s{seed}"
                 init = base_ckpt if stage == "ft" else runs[("ft" if stage == "trk" else "trk", mvc, seed)]
                 flags = [*recipe, "--init", str(init), "--seed", str(seed)] + (["--mvc"] if mvc else [])
@@ -263,7 +263,7 @@ def tta_table(b: Bench) -> None:
         models = {"base": base(b)}
     else:
         stage, prefix = ("ft", "ft_") if b.args.on == "ft" else ("ref", "")
-        runs = chains(b, base(b), upto=stage)
+        runs = chains(b, base(b), upto=stage, seeds=(0,))
         models = {f"{prefix}mvc": runs[(stage, True, 0)], f"{prefix}plain": runs[(stage, False, 0)]}
         models = dict(list(models.items())[: 2 if b.args.tta_both else 1])
     rows, data = [], {}
@@ -281,7 +281,9 @@ def tta_table(b: Bench) -> None:
                     f"{r['fps']:.2f}",
                 ]
             )
-    write_table(b.out / "tta.json", ["model", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
+    write_table(
+        b.out / f"tta_{b.args.on}.json", ["model", "views / merge", "mIoU", "VC8", "VC16", "frames/s"], rows, data
+    )
 
 
 def aggregate_table(b: Bench) -> None:

@@ -16,9 +16,11 @@ per module; the frozen modules must all be present (a tracker needs a segmenter,
 tracker checkpoint).
 
 The run is described by one ``vss.config.Config``, written to OUT/config.json: --config, else
---preset, else the --init checkpoint's config, else tiny; then the settings given on the command
-line. Without --data the embedded synthetic videos (120x160) train at their own scale for 300
-steps, so `python train.py` takes a few minutes on 2 CPU cores.
+--preset, else the --init checkpoint's config (its model and recipe; a new tracker or refiner
+stage takes the LR schedule of the preset, as DVIS++ trains every stage at its base LR),
+else tiny; then the settings given on the command line. Without --data the embedded synthetic
+videos (120x160) train at their own scale for 300 steps, so `python train.py` takes a few minutes
+on 2 CPU cores.
 
 Reproducibility and resume (``vss/sampler.py``): the data and randomness of a step are a pure
 function of (seed, step), independent of the number of ranks, accumulation steps, data workers or
@@ -344,6 +346,12 @@ def base_config(args: argparse.Namespace, num_classes: int, init: InitWeights | 
         # a time budget) does not carry over to the next stage.
         fresh = get_preset(cfg.name) if cfg.name in PRESETS else Config()
         cfg.train, cfg.mvc, cfg.semi, cfg.optim.time_budget = fresh.train, fresh.mvc, fresh.semi, None
+        if args.stage in ("tracker", "refiner") and args.stage != init.stage:
+            # A new video stage trains new modules from their initialisation: DVIS++ gives every
+            # stage its own schedule at the base LR (configs/dvis_Plus/VSPW/*.yaml), so the schedule
+            # of the checkpoint's run (e.g. a 5e-5 stage-1 fine-tune) must not carry over.
+            o = fresh.optim
+            cfg.optim = dataclasses.replace(cfg.optim, lr=o.lr, iters=o.iters, lr_steps=o.lr_steps)
     else:
         cfg = get_preset("tiny")
     if args.data is None and args.config is None:  # the embedded data

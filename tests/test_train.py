@@ -583,7 +583,20 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
     assert (cfg.semi.pseudo, cfg.semi.bank_size, cfg.semi.ema_decay, cfg.semi.unsup_weight) == ("p", 9, 0.5, 1.0)
     # without --config/--preset the --init checkpoint's config is the base
     cfg = printed_config(["--stage", "tracker", "--init", straight / "last.pt", *data])
-    assert cfg.model.hidden_dim == 32 and cfg.stage.frames == 5 and cfg.optim.iters == 4
+    assert cfg.model.hidden_dim == 32 and cfg.stage.frames == 5 and cfg.optim.batch == 1
+    # ... whose LR schedule does not carry into a new video stage (new modules, the preset's base LR)
+    fine_tune = load_checkpoint(straight / "last.pt")
+    fine_tune["config"]["optim"].update(lr=5e-5, iters=150, lr_steps=[0.5])
+    torch.save(fine_tune, tmp_path / "fine_tune.pt")
+    for stage in ("tracker", "segmenter", "semi"):
+        semi = ["--pseudo", "p"] if stage == "semi" else []
+        cfg = printed_config(["--stage", stage, *semi, "--init", tmp_path / "fine_tune.pt", *data])
+        schedule = (cfg.optim.lr, cfg.optim.iters, cfg.optim.lr_steps, cfg.optim.batch)
+        assert schedule == ((2e-4, 600, (0.7, 0.9), 1) if stage == "tracker" else (5e-5, 150, (0.5,), 1)), stage
+    assert (
+        printed_config(["--stage", "tracker", "--init", tmp_path / "fine_tune.pt", "--lr", 3e-5, *data]).optim.lr
+        == 3e-5
+    )
     # ... but not what its run did: a stage 2 from an MVC run with seed 3 is neither MVC nor seed 3
     mvc_run = load_checkpoint(straight / "last.pt")
     mvc_run["config"]["mvc"]["enabled"], mvc_run["config"]["train"]["seed"] = True, 3

@@ -315,7 +315,7 @@ def aggregate_table(b: Bench) -> None:
             f"MVC model chosen for {sum(x['videos_mvc'] for x in agg)} of {sum(x['videos'] for x in agg)} videos",
         ]
     )
-    write_table(b.out / "aggregate.json", ["models", "mIoU", "VC8", "VC16", "note"], rows, data)
+    write_table(b.out / f"aggregate_{b.args.on}.json", ["models", "mIoU", "VC8", "VC16", "note"], rows, data)
 
 
 def teacher_config(b: Bench) -> Path:

@@ -346,10 +346,11 @@ def base_config(args: argparse.Namespace, num_classes: int, init: InitWeights | 
         # a time budget) does not carry over to the next stage.
         fresh = get_preset(cfg.name) if cfg.name in PRESETS else Config()
         cfg.train, cfg.mvc, cfg.semi, cfg.optim.time_budget = fresh.train, fresh.mvc, fresh.semi, None
-        if args.stage in ("tracker", "refiner") and args.stage != init.stage:
-            # A new video stage trains new modules from their initialisation: DVIS++ gives every
-            # stage its own schedule at the base LR (configs/dvis_Plus/VSPW/*.yaml), so the schedule
-            # of the checkpoint's run (e.g. a 5e-5 stage-1 fine-tune) must not carry over.
+        if STAGES[args.stage].trains not in init.modules:
+            # The stage trains a module the checkpoint lacks, from its initialisation (a new
+            # tracker or refiner): DVIS++ gives every stage its own schedule at the base LR
+            # (configs/dvis_Plus/VSPW/*.yaml), so the schedule of the checkpoint's run (e.g. a
+            # 5e-5 stage-1 fine-tune) must not carry over; fine-tunes (semi too) keep it.
             o = fresh.optim
             cfg.optim = dataclasses.replace(cfg.optim, lr=o.lr, iters=o.iters, lr_steps=o.lr_steps)
     else:

@@ -541,7 +541,7 @@ def test_extra_flag_errors(setup, tmp_path, capsys):
     assert "m.json" in capsys.readouterr().err
 
 
-def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
+def test_config_defaults_of_stages_and_embedded_data(setup, straight, tracker_run, tmp_path):
     data = ["--data", setup["data"]]
     cfg = printed_config(["--preset", "r50", "--stage", "refiner", *data])
     assert (cfg.stage.frames, cfg.stage.reverse_prob, cfg.data.base_size, cfg.optim.iters) == (21, 0.5, 480, 20000)
@@ -595,6 +595,8 @@ def test_config_defaults_of_stages_and_embedded_data(setup, straight, tmp_path):
         assert schedule == ((2e-4, 600, (0.7, 0.9), 1) if stage == "tracker" else (5e-5, 150, (0.5,), 1)), stage
     cfg = printed_config(["--stage", "tracker", "--init", tmp_path / "fine_tune.pt", "--lr", 3e-5, *data])
     assert cfg.optim.lr == 3e-5  # a given --lr still wins
+    # a tracker checkpoint already holds the tracker: training it further is a fine-tune, schedule kept
+    assert printed_config(["--stage", "tracker", "--init", tracker_run[0] / "last.pt", *data]).optim.iters == 4
     # ... but not what its run did: a stage 2 from an MVC run with seed 3 is neither MVC nor seed 3
     mvc_run = load_checkpoint(straight / "last.pt")
     mvc_run["config"]["mvc"]["enabled"], mvc_run["config"]["train"]["seed"] = True, 3

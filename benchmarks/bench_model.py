@@ -1,11 +1,13 @@
 """Segmenter speed and memory on CPU: one training step (forward + set loss + backward + AdamW) on a
 2-frame clip at 240x320, and inference per 360x480 frame.
 
-    python benchmarks/bench_model.py [--presets tiny,tiny@12544,r50] [--threads 2] [--repeats 5]
+    python benchmarks/bench_model.py [--presets tiny,tiny@12544,r50] [--threads 2] [--repeats 5] [--amp bf16]
     python benchmarks/bench_model.py --compare-hf [--repeats 7] [--threads 2]
 
 Preset table: each preset runs in its own process (so peak RSS is per preset); ``NAME@P`` sets
-the number of points P of the matcher and the mask losses.
+the number of points P of the matcher and the mask losses. ``--amp bf16`` runs the forward passes
+and losses under bfloat16 autocast (``train.py --amp bf16``); ``--amp off,bf16`` alternates fp32
+and bf16 processes per preset, ``--repeats`` rounds each, and prints both medians and the ratio.
 
 ``--compare-hf`` times vss against the HF transformers ``Mask2FormerForUniversalSegmentation`` of
 the same shape, in ONE process, interleaved (vss, HF, HF, vss, ...: a burst of load from other
@@ -33,6 +35,7 @@ no upsampling. What differs (a few per mille of the work): vss also runs the DVI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -138,8 +141,9 @@ def build_hf(cfg):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
-def vss_train_step(model, criterion, opt, images, targets) -> None:
-    losses = criterion(model(images), targets)
+def vss_train_step(model, criterion, opt, images, targets, autocast=contextlib.nullcontext) -> None:
+    with autocast():
+        losses = criterion(model(images), targets)
     opt.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     opt.step()
@@ -156,10 +160,11 @@ def hf_train_step(model, opt, images, targets) -> None:
     opt.step()
 
 
-def vss_infer(model, frame):
+def vss_infer(model, frame, autocast=contextlib.nullcontext):
     from vss.segmenter import semantic_inference
 
-    out = model(frame)
+    with autocast():
+        out = model(frame)
     return semantic_inference(out["pred_logits"], out["pred_masks"]).argmax(1)  # (1,h,w)
 
 
@@ -199,22 +204,27 @@ def _timed_both(fn) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------
 
 
-def run_one(preset: str, threads: int, repeats: int) -> dict:
+def run_one(preset: str, threads: int, repeats: int, amp: str = "off") -> dict:
     import torch
+
+    from vss.engine import make_autocast
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    autocast = make_autocast("cpu", amp)[0]
     model, criterion, opt, cfg = build_vss(preset)
     images, targets, frame = make_inputs(cfg.model.num_classes)
     model.train()
-    vss_train_step(model, criterion, opt, images, targets)  # warm-up (allocator, first-call overheads)
-    train_times = [_timed(vss_train_step, model, criterion, opt, images, targets) for _ in range(repeats)]
+    step = (model, criterion, opt, images, targets, autocast)
+    vss_train_step(*step)  # warm-up (allocator, first-call overheads)
+    train_times = [_timed(vss_train_step, *step) for _ in range(repeats)]
     model.eval()
     with torch.inference_mode():
-        vss_infer(model, frame)
-        infer_times = [_timed(vss_infer, model, frame) for _ in range(repeats)]
+        vss_infer(model, frame, autocast)
+        infer_times = [_timed(vss_infer, model, frame, autocast) for _ in range(repeats)]
     return {
         "preset": preset,
+        "amp": amp,
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "train_step_s": statistics.median(train_times),
         "infer_frame_s": statistics.median(infer_times),
@@ -223,25 +233,39 @@ def run_one(preset: str, threads: int, repeats: int) -> dict:
     }
 
 
+def preset_child(preset: str, args, amp: str) -> dict:
+    """``run_one`` in a fresh process (so that peak RSS is this run's alone)."""
+    cmd = [sys.executable, __file__, "--child", preset, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    out = subprocess.run([*cmd, "--amp", amp], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def preset_table(args) -> None:
-    print(f"{'preset':<14}{'params (M)':>11}{'train step (s)':>16}{'infer/frame (s)':>17}{'peak RSS (MB)':>15}")
+    modes = args.amp.split(",")
+    print(
+        f"{'preset':<14}{'amp':>5}{'params (M)':>11}{'train step (s)':>16}{'infer/frame (s)':>17}{'peak RSS (MB)':>15}"
+    )
     for preset in args.presets.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            preset,
-            "--threads",
-            str(args.threads),
-            "--repeats",
-            str(args.repeats),
-        ]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(
-            f"{r['preset']:<14}{r['params_M']:>11.2f}{r['train_step_s']:>16.3f}{r['infer_frame_s']:>17.3f}"
-            f"{r['peak_rss_MB']:>15.0f}",
-            flush=True,
-        )
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.rounds):
+            for mode in modes:  # alternated, so that a burst of load from other jobs hits every mode alike
+                r = preset_child(preset, args, mode)
+                runs[mode].append(r)
+                print(
+                    f"{r['preset']:<14}{mode:>5}{r['params_M']:>11.2f}{r['train_step_s']:>16.3f}"
+                    f"{r['infer_frame_s']:>17.3f}{r['peak_rss_MB']:>15.0f}",
+                    flush=True,
+                )
+        ref = modes[0]
+        for mode in modes[1:]:
+            ratio = {
+                key: statistics.median(r[key] for r in runs[mode]) / statistics.median(r[key] for r in runs[ref])
+                for key in ("train_step_s", "infer_frame_s")
+            }
+            print(
+                f"{preset}: {mode} / {ref} (medians of {args.rounds} rounds): train step "
+                f"{ratio['train_step_s']:.2f}x, inference {ratio['infer_frame_s']:.2f}x"
+            )
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,6 +423,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (median)")
     p.add_argument(
+        "--amp",
+        default="off",
+        help="preset table: autocast mode(s), comma list of off/bf16 alternated per preset (default off)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="preset table: alternated rounds of the --amp modes")
+    p.add_argument(
         "--compare-hf",
         action="store_true",
         help=f"time vss against HF transformers' Mask2Former side by side (needs {HF_PIN})",
@@ -408,7 +438,7 @@ def main() -> None:
     p.add_argument("--rss-child", choices=("vss", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.threads, args.repeats)))
+        print(json.dumps(run_one(args.child, args.threads, args.repeats, args.amp)))
     elif args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.preset, args.threads)))
     elif args.compare_hf:

@@ -448,6 +448,8 @@ def headline(b: Bench) -> None:
         "1",
         "--time-budget",
         f"{budget * args.stage1_share:.2f}",
+        "--seed",
+        str(args.seed),
         *amp,
         env=env,
     )
@@ -481,6 +483,8 @@ def headline(b: Bench) -> None:
         "1e-4",
         "--time-budget",
         f"{semi_budget:.2f}",
+        "--seed",
+        str(args.seed),
         *amp,
         env=env,
     )
@@ -495,6 +499,7 @@ def headline(b: Bench) -> None:
         "budget_cpu_min": budget,
         "threads": args.threads,
         "amp": args.amp,
+        "seed": args.seed,
     }
     write_table(
         b.out / "headline.json",
@@ -556,6 +561,7 @@ def main() -> None:
     p.add_argument(
         "--amp", choices=("bf16", "off"), default="bf16", help="headline: autocast dtype of training and inference"
     )
+    p.add_argument("--seed", type=int, default=0, help="headline: seed of its training runs (default 0)")
     p.add_argument("--stage1-share", type=float, default=0.6, help="headline: share of the time for stage 1")
     p.add_argument("--eval-split", default="val", help="headline: the split pseudo-labelled and evaluated")
     args = p.parse_args()

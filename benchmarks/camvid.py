@@ -364,26 +364,18 @@ def semi_table(b: Bench) -> None:
         "--save-probs",
     )
     pseudo = b.out / "pred" / "semi_pseudo"
-    semi, supervised = b.parallel(
+    u2pl = ["--stage", "semi", "--init", str(student), "--pseudo", str(pseudo), "--unlabeled-split", "val", *SEMI_FT]
+    semi, supervised, cutmix = b.parallel(
         [
-            (
-                "semi/u2pl",
-                "--stage",
-                "semi",
-                "--init",
-                str(student),
-                "--pseudo",
-                str(pseudo),
-                "--unlabeled-split",
-                "val",
-                *SEMI_FT,
-            ),
+            ("semi/u2pl", *u2pl),
             ("semi/supervised", "--init", str(student), *SEMI_FT),
+            ("semi/u2pl_cutmix", *u2pl, "--cutmix"),  # U2PL's CutMix of the unlabelled clips
         ]
     )
     row(f"student + {SEMI_FT[1]} supervised steps (ablation)", "semi_supervised", "--checkpoint", str(supervised))
     row(f"student + {SEMI_FT[1]} semi steps (U2PL)", "semi_u2pl", "--checkpoint", str(semi))
     row("student + semi, TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
+    row(f"student + {SEMI_FT[1]} semi steps (U2PL) with CutMix", "semi_u2pl_cutmix", "--checkpoint", str(cutmix))
     if b.args.semi_ensemble:  # 16 model passes per frame
         row(
             "teacher + (student + semi), TTA mean",
@@ -396,7 +388,7 @@ def semi_table(b: Bench) -> None:
     data["runs"] = {
         "base": run_info(student.parent),
         "teacher": run_info(teacher.parent),
-        **{name: run_info(b.out / name) for name in ("semi/u2pl", "semi/supervised")},
+        **{name: run_info(b.out / name) for name in ("semi/u2pl", "semi/supervised", "semi/u2pl_cutmix")},
     }
     write_table(b.out / "semi.json", ["model", "mIoU", "VC8", "VC16", "frames/s"], rows, data)
 
@@ -419,19 +411,20 @@ def headline(b: Bench) -> None:
     the fitted 0.7/0.9 schedule ended at 1096 steps with val 0.410 / VC8 0.853 (single view),
     the undecayed run read 0.455 / 0.914 at step 1000.
 
-    ``--threads 2`` (the U-Net reference's protocol: a quiet machine, both cores, wall clock)
+    ``--threads 2`` (default; the U-Net reference's protocol: a quiet machine, both cores, wall clock)
     counts the budget in wall minutes. train.py fits schedules to CPU time, so stage 1 gets its
     share of minutes x 2 cores x 0.98 (the cores a quiet 2-thread run keeps busy: 73.4 CPU-minutes
     in 37.1 wall minutes, measured) and the semi fine-tune the wall minutes left, less the final
-    prediction's, times the cores the pipeline kept busy so far. ``--threads 1`` (default) counts
+    prediction's, times the cores the pipeline kept busy so far. ``--threads 1`` counts
     CPU time of every process instead, minutes x 2 x 0.92 (a 2-thread step loses ~8% to its
     single-threaded parts), so the result does not depend on other jobs sharing the machine: there
     2-thread processes spin in OpenMP barriers and burn CPU time (11.7 CPU-s per step at load 4 vs
     2.2 on one thread).
 
     ``--amp bf16`` (default) trains and predicts under bfloat16 autocast: on this machine's CPUs
-    (AVX512-BF16) a stage-1 step is ~1.2x faster on 2 threads and ~1.35x on one, a semi step
-    ~1.5x (measured side by side, 40 steps each); on a CPU without native bf16 use ``--amp off``."""
+    (AVX512-BF16) a 2-thread stage-1 step takes 2.05 CPU-s instead of 2.63 and a semi step 7.5
+    instead of 10.9 (the quiet headline runs, bf16 and fp32); on a CPU without native bf16 use
+    ``--amp off``."""
     args, out = b.args, b.out / "headline"
     wall_clock = args.threads == 2
     budget = args.minutes * 2 * (0.98 if wall_clock else 0.92)  # CPU-minutes
@@ -557,7 +550,13 @@ def main() -> None:
         help="headline: minutes of the whole 2-core machine (--threads 2: wall minutes; 1: minutes x 2 x 0.92 "
         "CPU-minutes)",
     )
-    p.add_argument("--threads", type=int, choices=(1, 2), default=1, help="headline: threads per process")
+    p.add_argument(
+        "--threads",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="headline: threads per process (default 2: wall clock on a quiet machine; 1: CPU time, shared machines)",
+    )
     p.add_argument(
         "--amp", choices=("bf16", "off"), default="bf16", help="headline: autocast dtype of training and inference"
     )

@@ -381,23 +381,22 @@ def semi_table(b: Bench) -> None:
     u2pl = ["--stage", "semi", "--init", str(student_ft), "--pseudo", str(pseudo), "--unlabeled-split", "val", *SEMI_FT]
     arms = {"u2pl": u2pl, "supervised": ["--init", str(student_ft), *SEMI_FT]}
     jobs = [(f"semi/{arm}_s{s}", *flags, "--seed", str(s)) for s in b.seeds for arm, flags in arms.items()]
-    b.parallel([*jobs, ("semi/u2pl_cutmix", *u2pl, "--cutmix")])  # U2PL's CutMix of the unlabelled clips, seed 0
+    jobs.append(("semi/u2pl_cutmix", *u2pl, "--cutmix"))  # U2PL's CutMix of the unlabelled clips, seed 0
+    ckpts = dict(zip((name for name, *_ in jobs), b.parallel(jobs)))
 
     def seeds_row(label: str, arm: str) -> None:
         scores = [
-            b.score(
-                f"semi_{arm}_s{s}", "--checkpoint", str(b.out / "semi" / f"{arm}_s{s}" / "last.pt"), env=TWO_THREADS
-            )
+            b.score(f"semi_{arm}_s{s}", "--checkpoint", str(ckpts[f"semi/{arm}_s{s}"]), env=TWO_THREADS)
             for s in b.seeds
         ]
         data[f"semi_{arm}"] = scores
         rows.append([label, *(spread([x[k] for x in scores]) for k in ("mIoU", "VC8", "VC16")), ""])
 
-    semi = b.out / "semi" / "u2pl_s0" / "last.pt"
+    semi = ckpts["semi/u2pl_s0"]
     seeds_row(f"annealed student + {steps} supervised steps (ablation)", "supervised")
     seeds_row(f"annealed student + {steps} semi steps (U2PL)", "u2pl")
     row("annealed student + semi (seed 0), TTA mean", "semi_u2pl_tta", "--checkpoint", str(semi), *PSEUDO_TTA)
-    cutmix = b.out / "semi" / "u2pl_cutmix" / "last.pt"
+    cutmix = ckpts["semi/u2pl_cutmix"]
     row(
         f"annealed student + {steps} semi steps (U2PL) with CutMix, seed 0",
         "semi_u2pl_cutmix",
@@ -413,7 +412,7 @@ def semi_table(b: Bench) -> None:
             str(semi),
             *PSEUDO_TTA,
         )
-    runs = ["semi/student_ft", "semi/teacher_ft", *(name for name, *_ in jobs), "semi/u2pl_cutmix"]
+    runs = ["semi/student_ft", "semi/teacher_ft", *ckpts]
     data["runs"] = {
         "base": run_info(student.parent),
         "teacher": run_info(teacher.parent),

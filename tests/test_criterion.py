@@ -451,3 +451,22 @@ def test_targets_of_different_sizes_are_zero_padded(forced_points):
     got, ref = crit(out, targets, indices=indices), crit(out, padded, indices=indices)
     for key in ref:
         assert got[key].item() == pytest.approx(ref[key].item(), rel=1e-6), key
+
+
+def test_matcher_gets_each_images_masks_as_float_at_their_own_size():
+    # the criterion converts the targets to float once for all layers; the matcher must still
+    # see image i's masks unpadded (its points are relative to the mask's own extent)
+    gen = torch.Generator().manual_seed(10)
+    out = _outputs(gen, 2, 4, num_aux=2)
+    targets = _targets(gen, [2, 3])
+    targets[1]["masks"] = targets[1]["masks"][:, :8, :12]
+    crit = SetCriterion(K, HungarianMatcher.from_config(LossConfig(num_points=16)), LossConfig(num_points=16))
+    seen = []
+    match_batch = crit.matcher.match_batch
+    crit.matcher.match_batch = lambda o, t: seen.append(t) or match_batch(o, t)
+    crit(out, targets)
+    assert len(seen) == 3  # final + 2 aux layers
+    for layer_targets in seen:
+        for got, t in zip(layer_targets, targets):
+            assert got["masks"].dtype == torch.float32 and torch.equal(got["masks"], t["masks"].float())
+            assert torch.equal(got["labels"], t["labels"])

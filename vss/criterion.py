@@ -117,14 +117,22 @@ class SetCriterion(nn.Module):
         self._check_inputs(logits, targets, indices)
         num_masks = average_num_masks(targets)
 
-        # Targets as one tensor shared by every layer, image i owning rows offsets[i]:offsets[i+1];
-        # kept in their own dtype (bool) and converted to float only once matched, because
-        # video-level targets (M,T*H,W) are large.
+        # Targets as one float tensor shared by every layer, image i owning rows
+        # offsets[i]:offsets[i+1]: converted once here rather than by the matcher and the mask
+        # loss of every layer (14 conversions of the whole set per tiny@12544 step, ~20 ms), at
+        # the price of holding 4x the bytes of bool masks while the losses are computed.
         all_labels = torch.cat([t["labels"] for t in targets]).to(device)  # (M_all,)
         height = max(t["masks"].shape[-2] for t in targets)
         width = max(t["masks"].shape[-1] for t in targets)
         tgt_masks = torch.cat([_pad_to(t["masks"].to(device), height, width) for t in targets])  # (M_all,H,W)
+        tgt_masks = tgt_masks.float()
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)  # (N+1,)
+        if indices is None:
+            # the matcher sees each image's float masks at their own size (views, no copy)
+            targets = [
+                {**t, "masks": tgt_masks[offsets[i] : offsets[i + 1], : t["masks"].shape[-2], : t["masks"].shape[-1]]}
+                for i, t in enumerate(targets)
+            ]
         valid = None
         if any("valid" in t for t in targets):
             # images without ``valid`` keep every pixel, padding included (as without ignore)
@@ -215,7 +223,7 @@ class SetCriterion(nn.Module):
 
         Args:
             pred_masks: (N,Q,h,w) mask logits.
-            tgt_masks: (M_all,H,W) bool/float targets of the whole batch.
+            tgt_masks: (M_all,H,W) float targets of the whole batch.
             batch_idx, q_idx, t_idx: (M_match,) image, query and (batch-wide) target of each match.
             num_masks: normaliser (see ``average_num_masks``).
             valid: optional (N,H,W) bool, False on ignored pixels: their points get weight 0.
@@ -232,7 +240,7 @@ class SetCriterion(nn.Module):
             return zero, zero.clone()
         with torch.autocast(device_type=device.type, enabled=False):
             src = pred_masks[batch_idx.to(device), q_idx.to(device)].float()[:, None]  # (M_match,1,h,w)
-            tgt = tgt_masks[t_idx.to(device)].float()[:, None]  # (M_match,1,H,W)
+            tgt = tgt_masks[t_idx.to(device)][:, None]  # (M_match,1,H,W)
 
             # 1. points chosen where the prediction is uncertain (no gradient through the choice)
             with torch.no_grad():

@@ -188,10 +188,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         queries = self.query_feat.weight[None].expand(n, -1, -1)  # (N, Q, D)
 
         if not all_layers:
-            # (N, mask_dim, H_l, W_l) per level
-            level_features = [
-                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
-            ]
+            # (N, mask_dim, H_l, W_l) per level; CPU's bilinear kernel works in channels-last (an
+            # NCHW input is converted there and back on every call): convert once, same values
+            source = mask_features
+            if source.device.type == "cpu":
+                source = source.contiguous(memory_format=torch.channels_last)
+            level_features = [F.interpolate(source, size=size, mode="bilinear", align_corners=False) for size in sizes]
         predictions = []
 
         def predict(queries: Tensor, next_lvl: int | None) -> Tensor | None:

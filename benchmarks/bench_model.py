@@ -2,7 +2,7 @@
 2-frame clip at 240x320, and inference per 360x480 frame.
 
     python benchmarks/bench_model.py [--presets tiny,tiny@12544,r50] [--threads 2] [--repeats 5] [--amp bf16]
-    python benchmarks/bench_model.py --compare-hf [--repeats 7] [--threads 2]
+    python benchmarks/bench_model.py --compare-hf [--repeats 7] [--threads 2] [--compile vss|both]
 
 Preset table: each preset runs in its own process (so peak RSS is per preset); ``NAME@P`` sets
 the number of points P of the matcher and the mask losses. ``--amp bf16`` runs the forward passes
@@ -30,6 +30,9 @@ per step on both sides, not bit-identical to the others).
 Inference: forward + Mask2Former semantic inference (the same function on both outputs) + argmax,
 no upsampling. What differs (a few per mille of the work): vss also runs the DVIS++ reid MLP
 (3 x 128x128 linears on 50 queries) and returns the query embeddings the tracker needs.
+``--compile vss`` runs vss's model through ``torch.compile`` (inductor; ``infer.py --compile``),
+``--compile both`` the HF model too; the compilation happens in the warm-up, whose time is printed.
+Peak RSS is always measured without it.
 """
 
 from __future__ import annotations
@@ -356,6 +359,9 @@ def compare_hf(args) -> None:
     torch.manual_seed(0)
     vss_model, criterion, vss_opt, cfg = build_vss(args.preset)
     hf_model, hf_opt = build_hf(cfg)
+    compiled = {"off": (), "vss": (vss_model,), "both": (vss_model, hf_model)}[args.compile]
+    for m in compiled:
+        m.compile(dynamic=False)  # in place; static shapes: training and inference sizes differ
     images, targets, frame = make_inputs(cfg.model.num_classes)
     n_vss = sum(p.numel() for p in vss_model.parameters()) / 1e6
     n_hf = sum(p.numel() for p in hf_model.parameters()) / 1e6
@@ -378,8 +384,10 @@ def compare_hf(args) -> None:
         for m in (vss_model, hf_model):
             m.train(kind == "train")
         with torch.inference_mode(kind == "infer"):
-            for fn in pair.values():  # warm-up
-                fn()
+            for who, fn in pair.items():  # warm-up (and compilation)
+                seconds = _timed(fn)
+                if compiled:
+                    print(f"{kind} warm-up {who}: {seconds:.1f} s")
             for r in range(args.repeats):
                 order = ("vss", "hf") if r % 2 == 0 else ("hf", "vss")
                 for who in order:
@@ -388,7 +396,7 @@ def compare_hf(args) -> None:
                     cpu[(kind, who)].append(c)
     print(
         f"\nmedian of {args.repeats} interleaved rounds after a warm-up (seconds); load average now "
-        f"{os.getloadavg()[0]:.2f}"
+        f"{os.getloadavg()[0]:.2f}; torch.compile: {args.compile}"
     )
     print(f"{'':<26}{'vss':>8}{'HF':>8}{'vss/HF':>8}   per-round vss/HF   CPU s: vss    HF  vss/HF")
     for kind, label in (("train", "training step (2 images)"), ("infer", "inference per frame")):
@@ -434,6 +442,12 @@ def main() -> None:
         help=f"time vss against HF transformers' Mask2Former side by side (needs {HF_PIN})",
     )
     p.add_argument("--preset", default="tiny@12544", help="shape of the --compare-hf run (a tiny preset)")
+    p.add_argument(
+        "--compile",
+        choices=("off", "vss", "both"),
+        default="off",
+        help="--compare-hf: torch.compile vss's model, or both models (default off)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--rss-child", choices=("vss", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -329,3 +329,15 @@ def test_build_segmenter_from_config():
     assert len(model.pixel_decoder.transformer.layers) == cfg.model.enc_layers
     assert model.pixel_decoder.transformer.layers[0].linear1.out_features == cfg.model.enc_ffn_dim
     assert model.pixel_decoder.transformer.layers[0].self_attn.n_points == cfg.model.enc_points
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_segmenter_is_one_graph_for_torch_compile(training):
+    """``infer.py --compile`` compiles the segmenter; a graph break (an untraceable line, e.g. a
+    closure reading a variable that only one branch defines) would split it into pieces that
+    inductor cannot fuse across."""
+    segmenter = make_segmenter().train(training)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(segmenter)(torch.randn(2, 3, 64, 64))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -30,7 +30,7 @@ per step on both sides, not bit-identical to the others).
 Inference: forward + Mask2Former semantic inference (the same function on both outputs) + argmax,
 no upsampling. What differs (a few per mille of the work): vss also runs the DVIS++ reid MLP
 (3 x 128x128 linears on 50 queries) and returns the query embeddings the tracker needs.
-``--compile vss`` runs vss's model through ``torch.compile`` (inductor; ``infer.py --compile``),
+``--compile vss`` runs vss's model through ``torch.compile`` (inductor, static shapes),
 ``--compile both`` the HF model too; the compilation happens in the warm-up, whose time is printed.
 Peak RSS is always measured without it.
 """

@@ -333,9 +333,9 @@ def test_build_segmenter_from_config():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_segmenter_is_one_graph_for_torch_compile(training):
-    """``infer.py --compile`` compiles the segmenter; a graph break (an untraceable line, e.g. a
-    closure reading a variable that only one branch defines) would split it into pieces that
-    inductor cannot fuse across."""
+    """``torch.compile`` (``bench_model.py --compile``) sees the segmenter as one graph; a graph
+    break (an untraceable line, e.g. a closure reading a variable that only one branch defines)
+    would split it into pieces that inductor cannot fuse across."""
     segmenter = make_segmenter().train(training)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(segmenter)(torch.randn(2, 3, 64, 64))

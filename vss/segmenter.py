@@ -187,7 +187,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight[None]  # (1, Q, D)
         queries = self.query_feat.weight[None].expand(n, -1, -1)  # (N, Q, D)
 
-        level_features: list[Tensor] = []  # used by predict() only when not all_layers
+        # set in both branches: predict() closes over it, and torch.compile cannot trace a read of an
+        # unset closure cell (it would split the training graph there)
+        level_features: list[Tensor] = []
         if not all_layers:
             # (N, mask_dim, H_l, W_l) per level; CPU's bilinear kernel works in channels-last (an
             # NCHW input is converted there and back on every call): convert once, same values

@@ -7,7 +7,7 @@ Consistency, extra image datasets and the semi-supervised U2PL stage.
     torchrun --nproc_per_node 8 train.py --preset r50 --data VSPW_480p \\
         --backbone-weights resnet50.pth --init m2f_coco.pt --mvc
     python train.py --stage semi --init student.pt --data VSPW_480p --unlabeled-split test \\
-        --pseudo pseudo/ --extra ADEChallengeData2016:ade150_to_vspw.json
+        --pseudo pseudo/ --extra ADEChallengeData2016:vss/remap_examples/ade20k150_to_vspw124.json
 
 The stages (``vss/stages.py``) are DVIS++'s chain, segmenter -> tracker -> refiner, each started
 from the previous stage's checkpoint with --init, and the semi-supervised fine-tuning of a

@@ -12,7 +12,25 @@ from vss import data as vd
 from vss import io as vio
 from vss.label_remap import ImageFolderDataset, load_label_map, remap
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
+ADE_TO_VSPW = REPO / "vss" / "remap_examples" / "ade20k150_to_vspw124.json"
+# ADE20K-150 class names in objectInfo150 order (annotation value k = ADE150[k - 1]; 0 = other),
+# the short names the SceneParsing toolkits use.
+ADE150 = tuple(
+    name.replace("_", " ")
+    for name in """wall building sky floor tree ceiling road bed windowpane grass cabinet sidewalk person earth door
+    table mountain plant curtain chair car water painting sofa shelf house sea mirror rug field armchair seat fence
+    desk rock wardrobe lamp bathtub railing cushion base box column signboard chest_of_drawers counter sand sink
+    skyscraper fireplace refrigerator grandstand path stairs runway case pool_table pillow screen_door stairway river
+    bridge bookcase blind coffee_table toilet flower book hill bench countertop stove palm kitchen_island computer
+    swivel_chair boat bar arcade_machine hovel bus towel light truck tower chandelier awning streetlight booth
+    television_receiver airplane dirt_track apparel pole land bannister escalator ottoman bottle buffet poster stage
+    van ship fountain conveyer_belt canopy washer plaything swimming_pool stool barrel basket waterfall tent bag
+    minibike cradle oven ball food step tank trade_name microwave pot animal bicycle lake dishwasher screen blanket
+    sculpture hood sconce vase traffic_light tray ashcan fan pier crt_screen plate monitor bulletin_board shower
+    radiator glass clock flag""".split()
+)
 
 
 def write_map(tmp_path: Path, spec, name: str = "map.json") -> Path:
@@ -43,6 +61,38 @@ def test_example_map_ids():
         assert names[lut[src]] == target, src
     assert lut[0] == 255 and lut[1] == 255 and lut[150] == 255  # other, wall, flag: unmapped
     assert sorted(set(lut[lut != 255].tolist())) == list(range(11))  # every CamVid class reachable
+
+
+def test_ade20k_to_vspw_map():
+    """The shipped ADE20K-150 -> VSPW-124 table: ids and names agree, same-named classes map to each
+    other, the classes that straddle VSPW classes are ignored."""
+    spec = json.loads(ADE_TO_VSPW.read_text())
+    lut = load_label_map(ADE_TO_VSPW, 124)
+    vspw = json.loads((REPO / "vss" / "vspw_classes.json").read_text())["classes"]
+    assert len(ADE150) == 150 and spec["target_names"] == vspw
+    assert spec["source_names"].keys() == spec["map"].keys()
+    assert all(ADE150[int(k) - 1] == name for k, name in spec["source_names"].items())  # no off-by-one
+
+    def target(ade_name: str) -> str | None:
+        value = lut[ADE150.index(ade_name) + 1]
+        return None if value == 255 else vspw[value]
+
+    same = [name for name in ADE150 if name in vspw]
+    assert len(same) > 40 and all(target(name) == name for name in same)
+    assert (target("skyscraper"), target("palm"), target("van"), target("minibike")) == (
+        "building",
+        "tree",
+        "car",
+        "motorcycle",
+    )
+    assert (target("windowpane"), target("toilet"), target("rock"), target("ashcan")) == (
+        "window",
+        "commode",
+        "stone",
+        "trash_can",
+    )
+    assert target("animal") is target("streetlight") is target("field") is None  # straddle VSPW classes
+    assert lut[0] == 255 and (lut[151:] == 255).all()
 
 
 def test_remap_unmapped_to_ignore(tmp_path):

@@ -22,7 +22,8 @@ Mapping file (JSON; one per source dataset / target class set)::
   range (>= K and != 255), a ``num_target_classes`` different from the model's class count, or
   ``target_names`` of the wrong length raise ``ValueError`` naming the file and the entry.
 
-Example: ``vss/remap_examples/ade20k150_to_camvid11.json`` (ADE20K-150 -> the 11 CamVid classes).
+Shipped: ``vss/remap_examples/ade20k150_to_vspw124.json`` (ADE20K-150 -> the 124 VSPW classes; 114 of the 150
+mapped, the rest ignored, its description says why) and ``ade20k150_to_camvid11.json`` (-> the 11 CamVid classes).
 
 Dataset layout read by ``ImageFolderDataset`` (file stems pair an image with its label)::
 

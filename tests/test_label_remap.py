@@ -15,6 +15,7 @@ from vss.label_remap import ImageFolderDataset, load_label_map, remap
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "vss" / "remap_examples" / "ade20k150_to_camvid11.json"
 ADE_TO_VSPW = REPO / "vss" / "remap_examples" / "ade20k150_to_vspw124.json"
+COCO_TO_VSPW = REPO / "vss" / "remap_examples" / "coco133_to_vspw124.json"
 # ADE20K-150 class names in objectInfo150 order (annotation value k = ADE150[k - 1]; 0 = other),
 # the short names the SceneParsing toolkits use.
 ADE150 = tuple(
@@ -93,6 +94,73 @@ def test_ade20k_to_vspw_map():
     )
     assert target("animal") is target("streetlight") is target("field") is None  # straddle VSPW classes
     assert lut[0] == 255 and (lut[151:] == 255).all()
+
+
+# COCO panoptic's 133 classes in detectron2's COCO_CATEGORIES order (value k of Mask2Former's
+# semantic PNGs = COCO133[k]; 255 = unlabelled).
+COCO133 = tuple(
+    name.replace("_", " ")
+    for name in """person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign
+    parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
+    frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket bottle
+    wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair
+    couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven toaster sink
+    refrigerator book clock vase scissors teddy_bear hair_drier toothbrush banner blanket bridge cardboard counter
+    curtain door-stuff floor-wood flower fruit gravel house light mirror-stuff net pillow platform playingfield
+    railroad river road roof sand sea shelf snow stairs tent towel wall-brick wall-stone wall-tile wall-wood
+    water-other window-blind window-other tree-merged fence-merged ceiling-merged sky-other-merged cabinet-merged
+    table-merged floor-other-merged pavement-merged mountain-merged grass-merged dirt-merged paper-merged
+    food-other-merged building-other-merged rock-merged wall-other-merged rug-merged""".split()
+)
+
+
+def test_coco_to_vspw_map():
+    """The shipped COCO-panoptic-133 -> VSPW-124 table: 0-based ids and names agree, same-named
+    classes map to each other, the straddling ones are ignored."""
+    spec = json.loads(COCO_TO_VSPW.read_text())
+    lut = load_label_map(COCO_TO_VSPW, 124)
+    vspw = json.loads((REPO / "vss" / "vspw_classes.json").read_text())["classes"]
+    assert len(COCO133) == 133 and spec["target_names"] == vspw
+    assert spec["source_names"].keys() == spec["map"].keys()
+    assert all(COCO133[int(k)] == name for k, name in spec["source_names"].items())  # 0-based, no shift
+
+    def target(coco_name: str) -> str | None:
+        value = lut[COCO133.index(coco_name)]
+        return None if value == 255 else vspw[value]
+
+    same = [name for name in COCO133 if name in vspw]
+    assert len(same) > 25 and all(target(name) == name for name in same)
+    walls = [name for name in COCO133 if name.startswith("wall-")]
+    assert len(walls) == 5 and {target(name) for name in walls} == {"wall"}
+    assert (target("couch"), target("cow"), target("giraffe"), target("tv")) == (
+        "sofa",
+        "cattle",
+        "other_animal",
+        "screen_or_television",
+    )
+    assert target("potted plant") is target("roof") is target("fire hydrant") is None
+    assert (lut[133:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    "images, labels",
+    [("images", "labels"), ("images/training", "annotations/training"), ("train2017", "panoptic_semseg_train2017")],
+)
+def test_open_extra_finds_the_dataset_layouts(tmp_path, images, labels):
+    from vss.config import tiny
+    from vss.sampler import open_extra
+
+    root = tmp_path / "extra"
+    (root / images).mkdir(parents=True)
+    (root / labels).mkdir(parents=True)
+    cv2.imwrite(str(root / images / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(root / labels / "a.png"), np.zeros((8, 8), np.uint8))
+    cfg = tiny()
+    cfg.model.num_classes = 11
+    ds = open_extra(f"{root}:{EXAMPLE}", cfg)
+    assert ds.items == [(root / images / "a.jpg", root / labels / "a.png")]
+    with pytest.raises(FileNotFoundError, match="folder not found"):
+        open_extra(f"{tmp_path / 'empty'}:{EXAMPLE}", cfg)
 
 
 def test_remap_unmapped_to_ignore(tmp_path):

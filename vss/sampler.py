@@ -42,15 +42,23 @@ def step_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
+# (image folder, label folder) of the layouts ``open_extra`` recognises, the plain one first
+EXTRA_LAYOUTS = (
+    ("images", "labels"),
+    ("images/training", "annotations/training"),  # ADE20K's ADEChallengeData2016
+    ("train2017", "panoptic_semseg_train2017"),  # COCO panoptic as Mask2Former's semantic PNGs
+)
+
+
 def open_extra(spec: str, cfg: Config) -> ImageFolderDataset:
-    """An extra image dataset "ROOT:MAPFILE": ROOT/{images,labels} or ADE20K's images/training +
-    annotations/training."""
+    """An extra image dataset "ROOT:MAPFILE" in one of the ``EXTRA_LAYOUTS`` (the first whose label
+    folder exists; none: the plain one, whose absence ``ImageFolderDataset`` reports)."""
     root, _, map_file = spec.rpartition(":")
     root = Path(root)
-    dirs = {"image_dir": "images", "label_dir": "labels"}
-    if not (root / "labels").is_dir() and (root / "annotations" / "training").is_dir():
-        dirs = {"image_dir": "images/training", "label_dir": "annotations/training"}
-    return ImageFolderDataset(root, map_file, num_classes=cfg.model.num_classes, cfg=cfg.data, **dirs)
+    image_dir, label_dir = next((d for d in EXTRA_LAYOUTS if (root / d[1]).is_dir()), EXTRA_LAYOUTS[0])
+    return ImageFolderDataset(
+        root, map_file, num_classes=cfg.model.num_classes, cfg=cfg.data, image_dir=image_dir, label_dir=label_dir
+    )
 
 
 def extra_clip(dataset: ImageFolderDataset, first: int, num_frames: int, rng: np.random.Generator) -> dict:

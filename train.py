@@ -122,8 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--extra",
         action="append",
         metavar="ROOT:MAPFILE",
-        help="an extra image dataset (label_remap layout) and its label map file, mixed into the "
-        "labelled stream (segmenter/semi stages; repeatable)",
+        help="an extra image dataset and its label map file, mixed into the labelled stream "
+        "(segmenter/semi stages; repeatable). ROOT holds images/ + labels/, ADE20K's images/training + "
+        "annotations/training or COCO's train2017 + panoptic_semseg_train2017; tables for ADE20K and "
+        "COCO -> VSPW are in vss/remap_examples/",
     )
     g.add_argument(
         "--extra-ratio",

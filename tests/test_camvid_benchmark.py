@@ -17,11 +17,11 @@ def _log(run: Path, *lines: dict) -> Path:
 
 def test_semi_table_anneals_teacher_and_student_and_starts_both_arms_from_the_annealed_student(tmp_path):
     camvid = runpy.run_path(str(REPO / "benchmarks" / "camvid.py"))
-    trained, scored = {}, {}
+    trained, scored, threads = {}, {}, {}
 
     class RecordingBench(camvid["Bench"]):
-        def train(self, name, *argv, env=None):
-            trained[name] = argv
+        def train(self, name, *argv, env=camvid["ONE_THREAD"]):
+            trained[name], threads[name] = argv, env["OMP_NUM_THREADS"]
             return _log(self.out / name, {"step": 150, "loss": 1.0, "cpu_min": 1.0})
 
         def score(self, name, *infer_args, split="val", env=None):
@@ -57,5 +57,14 @@ def test_semi_table_anneals_teacher_and_student_and_starts_both_arms_from_the_an
         assert supervised == ("--init", student_ft, *schedule, "--seed", str(seed))
         assert u2pl[-len(schedule) - 2 :] == (*schedule, "--seed", str(seed))  # step-matched
     assert trained["semi/u2pl_cutmix"][-1] == "--cutmix"
+    assert threads["semi/student_ft"] == threads["semi/u2pl_s0"] == "1"  # two runs at a time, one core each
     table = json.loads((bench.out / "semi.json").read_text())
     assert len(table["semi_u2pl"]) == len(table["semi_supervised"]) == 2
+
+    # without --base / --teacher both are trained first, one after the other, on both cores
+    trained.clear()
+    bench = RecordingBench(argparse.Namespace(**{**vars(args), "base": None, "teacher": None, "out": tmp_path / "o2"}))
+    camvid["semi_table"](bench)
+    assert threads["base"] == threads["teacher"] == "2"
+    assert trained["semi/student_ft"][:2] == ("--init", str(bench.out / "base" / "last.pt"))
+    assert trained["semi/teacher_ft"][:2] == ("--init", str(bench.out / "teacher" / "last.pt"))

@@ -22,10 +22,10 @@ Mapping file (JSON; one per source dataset / target class set)::
   range (>= K and != 255), a ``num_target_classes`` different from the model's class count, or
   ``target_names`` of the wrong length raise ``ValueError`` naming the file and the entry.
 
-Shipped in ``vss/remap_examples/`` (each file's description says what is mapped and why the rest is
-ignored; the papers' own tables are not published): ``ade20k150_to_vspw124.json`` (114 of ADE20K's 150
-classes), ``coco133_to_vspw124.json`` (102 of COCO panoptic's 133, as Mask2Former's semantic PNGs number
-them) and ``ade20k150_to_camvid11.json`` (ADE20K -> the 11 CamVid classes).
+Shipped in ``vss/remap_examples/`` (each file's description says what is mapped and why the rest
+is ignored; the papers' own tables are not published): ``ade20k150_to_vspw124.json`` (114 of
+ADE20K's 150 classes), ``coco133_to_vspw124.json`` (102 of COCO panoptic's 133, numbered as in
+Mask2Former's semantic PNGs) and ``ade20k150_to_camvid11.json`` (ADE20K -> the 11 CamVid classes).
 
 Dataset layout read by ``ImageFolderDataset`` (file stems pair an image with its label)::
 
@@ -34,9 +34,9 @@ Dataset layout read by ``ImageFolderDataset`` (file stems pair an image with its
 
 ADE20K's ``ADEChallengeData2016`` is ``images/training`` + ``annotations/training``, COCO's
 ``train2017`` + ``panoptic_semseg_train2017``: pass them as ``image_dir`` and ``label_dir``
-(``train.py --extra ROOT:MAPFILE`` recognises both layouts, ``vss.sampler.open_extra``). Items are 1-frame clips in the
-format of ``vss.data.VSPWDataset`` (same transforms and normalisation), so they go through
-``vss.data.collate_clips`` with T = 1 (stage-1 / per-image training).
+(``train.py --extra ROOT:MAPFILE`` recognises both layouts, ``vss.sampler.open_extra``). Items are
+1-frame clips in the format of ``vss.data.VSPWDataset`` (same transforms and normalisation), so they
+go through ``vss.data.collate_clips`` with T = 1 (stage-1 / per-image training).
 """
 
 from __future__ import annotations
